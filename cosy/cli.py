@@ -22,7 +22,19 @@ def register(name: str, module: str, help: str) -> None:
     COMMANDS[name] = (module, help)
 
 
-register("data", "cosy.data.cli", "data directories: validate, shards, synthetic corpus")
+# Two-word names ("extract tokens") let each package own its part of a verb.
+register("data", "cosy.data.cli", "data directories: validate, write shards, build the synthetic corpus")
+register("train", "cosy.train.cli", "train any cosy model from a YAML config (works under torchrun)")
+register("average", "cosy.train.average", "average the best N checkpoints of an experiment")
+register("extract tokens", "cosy.tokenizer.extract", "write speech tokens of a data dir with an S3 tokenizer")
+register("extract embeddings", "cosy.speaker.extract", "write speaker embeddings of a data dir")
+register("export tokenizer", "cosy.tokenizer.onnx", "export an S3 tokenizer checkpoint to ONNX")
+register("export speaker", "cosy.speaker.onnx", "export a speaker encoder checkpoint to ONNX")
+register("export flow", "cosy.flow.onnx", "export the flow-matching estimator to ONNX")
+register("export vocoder", "cosy.vocoder.export", "export a vocoder generator to ONNX")
+register("eval tokenizer", "cosy.tokenizer.evaluate", "WER, codebook usage and speaker leakage of a tokenizer")
+register("eval speaker", "cosy.speaker.evaluate", "equal error rate of a speaker encoder on trial pairs")
+register("eval vocoder", "cosy.vocoder.evaluate", "copy-synthesis scores of a vocoder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,28 +42,33 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cosy",
         description="cosy: zero-shot text-to-speech research framework",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="commands:\n" + "\n".join(f"  {n:<12} {h}" for n, (_, h) in sorted(COMMANDS.items())),
+        epilog="commands:\n" + "\n".join(f"  {n:<20} {h}" for n, (_, h) in sorted(COMMANDS.items())),
     )
     parser.add_argument("--version", action="version", version=f"cosy {__version__}")
-    parser.add_argument("command", nargs="?", choices=sorted(COMMANDS), metavar="command",
-                        help="one of: " + ", ".join(sorted(COMMANDS)))
+    parser.add_argument("command", nargs="?", choices=sorted({n.split()[0] for n in COMMANDS}),
+                        metavar="command", help="see the list below")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if not argv or argv[0] not in COMMANDS:
-        args = parser.parse_args(argv[:1])
-        if args.command is None:
-            parser.print_help()
+    name = " ".join(argv[:2]) if " ".join(argv[:2]) in COMMANDS else (argv[0] if argv else "")
+    if name not in COMMANDS:
+        verbs = sorted({n.split()[0] for n in COMMANDS})
+        if argv and argv[0] in verbs:
+            print(f"cosy {argv[0]}: choose one of: "
+                  + ", ".join(n for n in sorted(COMMANDS) if n.split()[0] == argv[0]), file=sys.stderr)
             return 2
-    name = argv[0]
+        args = build_parser().parse_args(argv[:1])
+        if args.command is None:
+            build_parser().print_help()
+            return 2
+    nwords = len(name.split())
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
     sub = argparse.ArgumentParser(prog=f"cosy {name}", description=help_text)
     module.add_arguments(sub)
-    args = sub.parse_args(argv[1:])
+    args = sub.parse_args(argv[nwords:])
     try:
         code = module.run(args)
     except CosyError as err:
