@@ -1,0 +1,1 @@
+"""Independent judges for evaluating synthesised speech (ASR, speaker similarity, quality)."""

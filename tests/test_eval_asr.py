@@ -1,0 +1,32 @@
+import subprocess
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from cosy.eval.asr import PocketSphinx, normalise_for_wer, word_error_rate
+
+
+def test_normalisation_for_wer():
+    assert normalise_for_wer("  Don't STOP, it's 2 o'clock!  Café ") == "don't stop it's two o'clock cafe"
+    assert normalise_for_wer("'quoted' -- words") == "quoted words"
+
+
+def test_word_error_rate_counts_edits_over_reference_words():
+    # one substitution and one deletion over 6 reference words
+    assert word_error_rate(["the cat sat", "on the mat"], ["the cat sit", "on mat"]) == pytest.approx(2 / 6)
+    assert word_error_rate(["Hello, world!"], ["hello world"]) == 0.0
+    with pytest.raises(ValueError):
+        word_error_rate(["a"], [])
+
+
+def test_pocketsphinx_recognises_clear_synthetic_speech(tmp_path):
+    text = "the quick brown fox jumps over the lazy dog near the river bank"
+    wav = tmp_path / "fox.wav"
+    subprocess.run(["flite", "-voice", "slt", "-t", text, "-o", str(wav)], check=True)
+    samples, rate = sf.read(wav, dtype="float32")
+    hyp = PocketSphinx().transcribe(samples, rate)
+    assert word_error_rate([text], [hyp]) <= 0.25
+    # noise is not speech: the judge must not hallucinate the sentence
+    noise = np.random.default_rng(0).normal(0, 0.05, rate * 2).astype(np.float32)
+    assert word_error_rate([text], [PocketSphinx().transcribe(noise, rate)]) >= 0.75
