@@ -30,3 +30,16 @@ def test_pocketsphinx_recognises_clear_synthetic_speech(tmp_path):
     # noise is not speech: the judge must not hallucinate the sentence
     noise = np.random.default_rng(0).normal(0, 0.05, rate * 2).astype(np.float32)
     assert word_error_rate([text], [PocketSphinx().transcribe(noise, rate)]) >= 0.75
+
+
+def test_dnsmos_prefers_speech_to_noise(tmp_path):
+    from cosy.eval.mos import dnsmos
+
+    wav = tmp_path / "speech.wav"
+    subprocess.run(["flite", "-voice", "slt", "-t", "a clean sentence of synthetic speech for scoring", "-o", str(wav)],
+                   check=True)
+    samples, rate = sf.read(wav, dtype="float32")
+    speech = dnsmos(samples, rate)
+    noise = dnsmos(np.random.default_rng(1).uniform(-0.5, 0.5, rate * 3).astype(np.float32), rate)
+    assert set(speech) == {"ovrl", "sig", "bak", "p808"}
+    assert speech["ovrl"] > noise["ovrl"] + 0.3
