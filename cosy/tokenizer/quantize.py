@@ -1,0 +1,244 @@
+"""The single-codebook quantisers of the S3 tokenizer, behind one interface.
+
+* `vq`: a learned codebook with EMA updates, a commitment loss and re-initialisation of
+  dead codes from recent encoder outputs (CosyVoice v1 style, 4096 codes).
+* `fsq`: finite scalar quantisation: project down, bound each dimension with tanh, round
+  to a few levels (CosyVoice 2 style, 8 dims x 3 levels = 6561 codes, no codebook to learn).
+* `none`: the identity, for the unquantised baseline of the same model.
+
+Every quantiser maps `(batch, time, dim)` vectors to `(batch, time, dim)` vectors and, except
+`none`, to integer codes `(batch, time)`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch import distributed as dist
+
+from cosy.errors import CosyError
+
+
+@dataclass
+class QuantizerConfig:
+    """kind: `vq`, `fsq` or `none`.
+
+    vq: codebook_size codes of codebook_dim dims (None: the encoder's width; otherwise the
+    encoder output is projected down to it and back up), EMA `decay`, commitment weight
+    `beta`, `l2_normalize` codes and inputs (cosine-similarity lookup), and a code unused for
+    `dead_after` training updates is replaced by a random vector of the current batch.
+    fsq: `levels` per dimension; the number of codes is their product.
+    """
+
+    kind: Literal["vq", "fsq", "none"] = "fsq"
+    codebook_size: int = 4096
+    codebook_dim: int | None = None
+    decay: float = 0.99
+    beta: float = 0.25
+    l2_normalize: bool = False
+    dead_after: int = 50
+    levels: list[int] = field(default_factory=lambda: [3] * 8)
+
+
+class Quantizer(nn.Module):
+    """Interface shared by all quantisers."""
+
+    codebook_size: int
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+        """x: (batch, time, dim); mask: (batch, time) bool, True on real frames.
+
+        Returns the quantised vectors (batch, time, dim) with straight-through gradients,
+        the codes (batch, time) long (None for `none`) and a dict of auxiliary losses.
+        """
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """(batch, time, dim) -> codes (batch, time) long."""
+        raise NotImplementedError
+
+    def decode(self, indices: Tensor) -> Tensor:
+        """codes (batch, time) -> vectors (batch, time, dim)."""
+        raise NotImplementedError
+
+
+class NoQuantizer(Quantizer):
+    codebook_size = 0
+
+    def forward(self, x, mask=None):
+        return x, None, {}
+
+    def encode(self, x):
+        raise CosyError("this tokenizer was trained with quantizer kind 'none': it has no discrete tokens")
+
+    def decode(self, indices):
+        raise CosyError("this tokenizer was trained with quantizer kind 'none': it has no discrete tokens")
+
+
+class FSQ(Quantizer):
+    """Finite scalar quantisation (Mentzer et al. 2023) with straight-through rounding."""
+
+    def __init__(self, dim: int, levels: list[int]):
+        super().__init__()
+        if not levels or min(levels) < 2:
+            raise CosyError(f"config key 'model.quantizer.levels' needs values >= 2, got {levels}")
+        self.register_buffer("levels", torch.tensor(levels, dtype=torch.long), persistent=False)
+        # index = sum_j digit_j * prod(levels[:j]): for 3 levels, digit_j = h_j + 1 and basis 3^j
+        basis = torch.cumprod(torch.tensor([1] + levels[:-1], dtype=torch.long), dim=0)
+        self.register_buffer("basis", basis, persistent=False)
+        self.codebook_size = math.prod(levels)
+        self.down = nn.Linear(dim, len(levels))
+        self.up = nn.Linear(len(levels), dim)
+
+    def _round(self, z: Tensor) -> Tensor:
+        """(..., d) -> integer-valued (..., d) in [-(L//2), (L-1)//2], straight-through."""
+        levels = self.levels.to(z.dtype)
+        # shrink slightly so tanh never reaches the half-integer where rounding flips
+        half = (levels - 1) * (1 - 1e-3) / 2
+        # even level counts are asymmetric around 0: shift by half a step (the FSQ paper's
+        # tan shift; any shift that keeps all levels reachable would do)
+        offset = torch.where(self.levels % 2 == 0, 0.5, 0.0).to(z.dtype)
+        shift = torch.tan(offset / half)
+        bounded = torch.tanh(z + shift) * half - offset
+        return bounded + (torch.round(bounded) - bounded).detach()
+
+    def _digits_to_index(self, h: Tensor) -> Tensor:
+        """Integer-valued codes (..., d) -> index (...,)."""
+        digits = torch.round(h).long() + self.levels // 2
+        return (digits * self.basis).sum(-1)
+
+    def _index_to_digits(self, indices: Tensor) -> Tensor:
+        """index (...,) -> integer codes (..., d) as a float tensor."""
+        digits = (indices.long().unsqueeze(-1) // self.basis) % self.levels
+        return (digits - self.levels // 2).to(self.up.weight.dtype)
+
+    def _scale(self, h: Tensor) -> Tensor:
+        """Integer codes -> roughly [-1, 1] before projecting up."""
+        return h / (self.levels // 2).clamp(min=1).to(h.dtype)
+
+    def forward(self, x, mask=None):
+        h = self._round(self.down(x))
+        return self.up(self._scale(h)), self._digits_to_index(h.detach()), {}
+
+    def encode(self, x):
+        return self._digits_to_index(self._round(self.down(x)))
+
+    def decode(self, indices):
+        return self.up(self._scale(self._index_to_digits(indices)))
+
+
+class VQ(Quantizer):
+    """Vector quantisation with an EMA-updated codebook (van den Oord et al. 2017, Razavi 2019).
+
+    The codebook is a buffer, not a parameter: it moves by exponential moving averages of
+    the vectors assigned to each code, so the optimiser only sees the commitment loss.
+    """
+
+    def __init__(self, dim: int, cfg: QuantizerConfig):
+        super().__init__()
+        code_dim = cfg.codebook_dim or dim
+        self.codebook_size = cfg.codebook_size
+        self.decay = cfg.decay
+        self.beta = cfg.beta
+        self.l2_normalize = cfg.l2_normalize
+        self.dead_after = cfg.dead_after
+        self.down = nn.Linear(dim, code_dim) if code_dim != dim else nn.Identity()
+        self.up = nn.Linear(code_dim, dim) if code_dim != dim else nn.Identity()
+        embed = self._norm(torch.randn(cfg.codebook_size, code_dim))
+        self.register_buffer("embed", embed)
+        self.register_buffer("embed_sum", embed.clone())
+        self.register_buffer("cluster_size", torch.ones(cfg.codebook_size))
+        self.register_buffer("unused_steps", torch.zeros(cfg.codebook_size, dtype=torch.long))
+
+    def _norm(self, v: Tensor) -> Tensor:
+        return F.normalize(v, dim=-1) if self.l2_normalize else v
+
+    def _nearest(self, z: Tensor) -> Tensor:
+        """z: (n, code_dim) -> code index (n,)."""
+        dist2 = z.pow(2).sum(-1, keepdim=True) - 2 * z @ self.embed.t() + self.embed.pow(2).sum(-1)
+        return dist2.argmin(-1)
+
+    def forward(self, x, mask=None):
+        z = self._norm(self.down(x))
+        flat = z.reshape(-1, z.shape[-1])
+        indices = self._nearest(flat.detach())
+        valid = torch.ones(flat.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask.reshape(-1)
+        if self.training:
+            self._update(flat.detach()[valid], indices[valid])
+        q = self.embed[indices].view_as(z)
+        weight = valid.view(z.shape[:-1]).unsqueeze(-1).to(z.dtype)
+        commit = ((z - q.detach()).pow(2) * weight).sum() / (weight.sum() * z.shape[-1]).clamp(min=1)
+        q = z + (q - z).detach()
+        return self.up(q), indices.view(z.shape[:-1]), {"commit": self.beta * commit}
+
+    @torch.no_grad()
+    def _update(self, z: Tensor, indices: Tensor) -> None:
+        """EMA step on (n, code_dim) vectors with their codes, then dead-code re-initialisation."""
+        onehot = F.one_hot(indices, self.codebook_size).to(z.dtype)
+        counts = onehot.sum(0)
+        sums = onehot.t() @ z
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts)
+            dist.all_reduce(sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        # Laplace smoothing keeps rarely used codes from dividing by ~0
+        total = self.cluster_size.sum()
+        smoothed = (self.cluster_size + 1e-5) / (total + self.codebook_size * 1e-5) * total
+        self.embed.copy_(self._norm(self.embed_sum / smoothed.unsqueeze(-1)))
+        self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
+        self._revive(z)
+
+    @torch.no_grad()
+    def _revive(self, z: Tensor) -> None:
+        dead = (self.unused_steps >= self.dead_after).nonzero().squeeze(-1)
+        if dead.numel() == 0 or z.shape[0] == 0:
+            return
+        pick = torch.randint(0, z.shape[0], (dead.numel(),), device=z.device)
+        self.embed[dead] = self._norm(z[pick])
+        self.embed_sum[dead] = self.embed[dead]
+        self.cluster_size[dead] = 1.0
+        self.unused_steps[dead] = 0
+        if dist.is_available() and dist.is_initialized():
+            # ranks saw different vectors: keep rank 0's choice everywhere
+            for buf in (self.embed, self.embed_sum, self.cluster_size, self.unused_steps):
+                dist.broadcast(buf, 0)
+
+    def encode(self, x):
+        z = self._norm(self.down(x))
+        return self._nearest(z.reshape(-1, z.shape[-1])).view(z.shape[:-1])
+
+    def decode(self, indices):
+        return self.up(self.embed[indices.long()])
+
+
+def build_quantizer(cfg: QuantizerConfig, dim: int) -> Quantizer:
+    """The quantiser of `cfg.kind` for `dim`-wide encoder outputs."""
+    if cfg.kind == "vq":
+        return VQ(dim, cfg)
+    if cfg.kind == "fsq":
+        return FSQ(dim, list(cfg.levels))
+    return NoQuantizer()
+
+
+def codebook_usage(indices: Tensor, codebook_size: int) -> dict[str, float]:
+    """Usage statistics of a flat tensor of codes.
+
+    used_fraction: share of the codebook that occurs at least once; entropy (bits) of the
+    empirical code distribution; perplexity = 2**entropy (the number of equally likely codes
+    that would give the same entropy; codebook_size at best).
+    """
+    counts = torch.bincount(indices.reshape(-1).long(), minlength=codebook_size).double()
+    probs = counts / counts.sum().clamp(min=1)
+    nonzero = probs[probs > 0]
+    entropy = float(-(nonzero * nonzero.log2()).sum())
+    return {
+        "used_fraction": float((counts > 0).sum()) / codebook_size,
+        "entropy_bits": entropy,
+        "perplexity": 2.0 ** entropy,
+    }
