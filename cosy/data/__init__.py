@@ -1,0 +1,1 @@
+"""Data directories, Parquet shards and the synthetic corpus (see docs/design.md)."""

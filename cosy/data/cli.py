@@ -1,0 +1,67 @@
+"""`cosy data validate|shards|corpus`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{validate,shards,corpus}")
+    validate = sub.add_parser("validate", help="check a Kaldi data dir; every problem is printed as file:line")
+    validate.add_argument("dir", help="data dir (wav.scp, text, utt2spk, ...)")
+    validate.add_argument("--no-audio", action="store_true", help="do not open the audio files")
+
+    shards = sub.add_parser("shards", help="write Parquet shards and OUT/data.list")
+    shards.add_argument("dir", help="data dir")
+    shards.add_argument("out", help="output folder")
+    shards.add_argument("--utts-per-shard", type=int, default=1000)
+    shards.add_argument("--num-workers", type=int, default=1)
+
+    corpus = sub.add_parser("corpus", help="build the synthetic multi-speaker English corpus")
+    corpus.add_argument("--size", choices=["tiny", "default"], default="default")
+    corpus.add_argument("--out", required=True, help="output folder (train/, dev/, test/, wavs/)")
+    corpus.add_argument("--seed", type=int, default=0)
+    corpus.add_argument("--num-jobs", type=int, default=1, help="speakers rendered in parallel")
+
+
+def run(args: argparse.Namespace) -> int:
+    return {"validate": _validate, "shards": _shards, "corpus": _corpus}[args.action](args)
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from cosy.data.kaldi import check
+
+    report = check(args.dir, check_audio=not args.no_audio)
+    for problem in report.problems:
+        print(problem)
+    if report.problems:
+        print(f"{args.dir}: {len(report.problems)} problem(s)", file=sys.stderr)
+        return 1
+    hours = "" if args.no_audio else f", {report.seconds / 3600:.3f} hours"
+    print(f"{args.dir}: OK, {report.num_utts} utterances, {report.num_speakers} speakers{hours}")
+    return 0
+
+
+def _shards(args: argparse.Namespace) -> int:
+    from cosy.data.shards import write_shards
+
+    result = write_shards(args.dir, args.out, args.utts_per_shard, args.num_workers)
+    print(f"wrote {result.rows} utterances in {len(result.shards)} shard(s) to {args.out}; "
+          f"skipped {len(result.skipped)} with unreadable audio")
+    return 0
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    from cosy.data.synth_corpus import build_corpus
+
+    report = build_corpus(args.out, args.size, args.seed, args.num_jobs)
+    for item in report["dropped_utterances"]:
+        print(f"dropped {item['utt']} ({item['engine']} {item['voice']} {item['variant']}): {item['reason']}",
+              file=sys.stderr)
+    for spk in report["dropped_speakers"]:
+        print(f"dropped speaker {spk['id']} entirely ({spk['engine']} {spk['voice']} {spk['variant']})",
+              file=sys.stderr)
+    counts = ", ".join(f"{k} {v} utts / {report['speakers'][k]} spk" for k, v in report["utterances"].items())
+    print(f"corpus in {args.out}: {counts}; {report['hours']} hours; built in {report['build_seconds']} s")
+    return 0
