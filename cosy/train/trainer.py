@@ -1,0 +1,499 @@
+"""The one training loop of cosy: every model trains through `Trainer`.
+
+Runs as one process or under `torchrun` (DDP: gloo on CPU, NCCL on CUDA). A step is one
+optimiser update made of `accum_grad` batches; checkpoints are taken only between
+steps, so the data position (epoch, batches consumed) plus the RNG states are enough
+to continue a run exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from cosy import config as cfg
+from cosy.data.loader import BatchInfo, DataConfig, ShardDataset, make_loader
+from cosy.errors import CosyError
+from cosy.train.checkpoint import Checkpoints, Entry, load_weights, rng_state, set_rng_state
+from cosy.train.schedule import OptimConfig, SchedulerConfig, build_optimizer, build_scheduler
+from cosy.train.task import Task
+from cosy.train.tasks import get_task, known_tasks
+
+log = logging.getLogger("cosy.train")
+
+
+@dataclass
+class TrainConfig:
+    """The `train:` section of an experiment config.
+
+    A step is one optimiser update over `accum_grad` batches. Training stops at
+    `max_steps` or after `max_epochs` (0 = no limit on that count). Validation runs
+    every `cv_every_steps` steps (0 = never mid-epoch) and at the end of each epoch, and
+    each validation is followed by a checkpoint; `save_every_steps` adds checkpoints
+    without validation. The last `keep_last` and the best `keep_best` (by validation
+    loss) checkpoints are kept. `optim_d` is the discriminator's optimiser of a GAN
+    task (None = the same settings as `optim`). `ema_decay` > 0 keeps an exponential
+    moving average of the weights.
+    """
+
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim_d: OptimConfig | None = None
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    max_steps: int = 0
+    max_epochs: int = 1
+    accum_grad: int = 1
+    grad_clip: float = 5.0
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    ema_decay: float = 0.0
+    log_every: int = 10
+    cv_every_steps: int = 0
+    save_every_steps: int = 0
+    keep_last: int = 3
+    keep_best: int = 5
+    seed: int = 1234
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment; `model` is an instance of the task's `config_cls`."""
+
+    task: str
+    model: Any = None
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> tuple[ExperimentConfig, Task]:
+    """Read an experiment YAML; the `model:` section is checked against the task's dataclass."""
+    data = cfg.apply_overrides(cfg.load_yaml(path), overrides or [])
+    name = data.get("task")
+    if not isinstance(name, str):
+        raise CosyError(f"{path}: config needs a 'task' key naming one of: {', '.join(known_tasks())}")
+    try:
+        task = get_task(name)
+        model = cfg.from_dict(task.config_cls, data.get("model"), "model")
+        experiment = cfg.from_dict(ExperimentConfig, {**data, "model": None})
+    except CosyError as err:
+        raise CosyError(f"{path}: {err}") from err
+    experiment.model = model
+    return experiment, task
+
+
+@dataclass
+class Distributed:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Distributed:
+    """Join the process group that torchrun describes in RANK / WORLD_SIZE / LOCAL_RANK."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, device)
+
+
+class Trainer:
+    """Trains `task`'s model on the shards of `train_list`, validating on `cv_list`."""
+
+    def __init__(self, config: ExperimentConfig, task: Task, train_list: str | Path, cv_list: str | Path,
+                 expdir: str | Path, resume: bool = False):
+        self.config = config
+        self.task = task
+        self.train_list = str(train_list)
+        self.dist = init_distributed()
+        self.expdir = Path(expdir)
+        t = config.train
+        self._check(t)
+        self.expdir.mkdir(parents=True, exist_ok=True)
+        if self.dist.main:
+            _setup_logging(self.expdir / "train.log")
+            for stale in self.expdir.glob(".*.tmp"):  # left by a process killed mid-write
+                stale.unlink()
+        self.checkpoints = Checkpoints(self.expdir)
+        if self.checkpoints.entries and not resume:
+            raise CosyError(f"--out {self.expdir} already holds checkpoints: pass --resume or choose a new --out")
+
+        rank, world = self.dist.rank, self.dist.world_size
+        self.train_set = ShardDataset(train_list, task, config.model, config.data, True, rank, world)
+        self.cv_set = ShardDataset(cv_list, task, config.model, config.data, False, rank, world)
+
+        torch.manual_seed(t.seed)  # the same initial weights on every rank
+        self.model = task.build(config.model).to(self.dist.device)
+        if task.gan and not all(isinstance(getattr(self.model, n, None), nn.Module) for n in ("generator", "discriminator")):
+            raise CosyError(f"task '{task.name}' is a GAN task but its model lacks a generator or discriminator submodule")
+        groups = ({"discriminator": self.model.discriminator, "generator": self.model.generator}
+                  if task.gan else {"model": self.model})
+        optims = {"discriminator": t.optim_d or t.optim}
+        self.params = {name: [p for p in m.parameters() if p.requires_grad] for name, m in groups.items()}
+        self.optimizers = {name: build_optimizer(ps, optims.get(name, t.optim)) for name, ps in self.params.items()}
+        self.schedulers = {name: build_scheduler(o, t.scheduler, t.max_steps) for name, o in self.optimizers.items()}
+        self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=t.precision == "fp16")
+        self.ema = ({k: v.detach().float().clone() for k, v in self.model.state_dict().items()
+                     if v.is_floating_point()} if t.ema_decay > 0 else None)
+        self.forward_module: nn.Module = self.model
+        if world > 1 and not task.gan:
+            self.forward_module = DistributedDataParallel(
+                self.model, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
+                find_unused_parameters=t.find_unused_parameters)
+        elif world > 1:
+            for value in self.model.state_dict().values():
+                dist.broadcast(value, 0)
+
+        self.step = 0
+        self.epoch = 0
+        self.batches_done = 0  # batches of the current epoch already trained on
+        torch.manual_seed(t.seed + rank)  # but different dropout masks per rank
+        if resume:
+            self._restore()
+        elif self.dist.main:
+            cfg.save(config, self.expdir / "config.yaml")
+        self.writer = None
+        if self.dist.main:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(self.expdir / "tensorboard"))
+
+    def _check(self, t: TrainConfig) -> None:
+        if t.max_steps <= 0 and t.max_epochs <= 0:
+            raise CosyError("set train.max_steps or train.max_epochs: with both 0 training never stops")
+        if t.accum_grad < 1:
+            raise CosyError(f"train.accum_grad must be >= 1, got {t.accum_grad}")
+        if self.task.gan and t.accum_grad != 1:
+            raise CosyError("train.accum_grad must be 1 for a GAN task (each step is a discriminator and a generator turn)")
+        if t.precision == "fp16" and self.dist.device.type != "cuda":
+            raise CosyError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
+
+    # ---- the loop ----------------------------------------------------------------
+
+    def fit(self) -> None:
+        """Train until max_steps or max_epochs; the last state is always checkpointed."""
+        t = self.config.train
+        self.model.train()
+        bar = self._progress_bar()
+        while not self._finished():
+            stopped = self._train_epoch(bar)
+            if stopped:
+                break
+            if self.batches_done == 0:
+                raise CosyError(f"no training batches in {self.train_list}: the shards are empty or every "
+                                "row was dropped by the task's processors")
+            log.info("epoch %d done at step %d", self.epoch, self.step)
+            self.epoch += 1
+            self.batches_done = 0
+            self._validate_and_save()
+        if self.checkpoints.latest() is None or self.checkpoints.latest().step != self.step:
+            self._validate_and_save()
+        if bar is not None:
+            bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if self.dist.world_size > 1:
+            dist.barrier()
+
+    def _finished(self) -> bool:
+        t = self.config.train
+        return (t.max_steps > 0 and self.step >= t.max_steps) or (t.max_epochs > 0 and self.epoch >= t.max_epochs)
+
+    def _train_epoch(self, bar) -> bool:
+        """Train on the rest of the current epoch; True when max_steps stopped it early."""
+        t = self.config.train
+        stats = _Stats()
+        micro = 0
+        for batch, info in self._synced(make_loader(self.train_set, self.epoch, skip=self.batches_done)):
+            micro += 1
+            self.batches_done += 1
+            last = micro % t.accum_grad == 0
+            if self.task.gan:
+                losses, norms = self._gan_step(batch)
+            else:
+                losses = self._backward(batch, sync=last)
+                norms = {"grad_norm": self._update("model")} if last else {}
+                if last:
+                    self.scaler.update()
+            stats.add(losses, info)
+            if not last:
+                continue
+            self.step += 1
+            self._update_ema()
+            stats.norms = norms
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses['loss']:.4f}")
+            if self.step % t.log_every == 0:
+                self._log_train(stats)
+                stats = _Stats()
+            if t.cv_every_steps and self.step % t.cv_every_steps == 0:
+                self._validate_and_save()
+            elif t.save_every_steps and self.step % t.save_every_steps == 0:
+                self._save(None)
+            if self._finished():
+                return True
+        for optimizer in self.optimizers.values():  # an incomplete accumulation is dropped
+            optimizer.zero_grad(set_to_none=True)
+        return False
+
+    def _synced(self, batches: Iterator[tuple[dict, BatchInfo]]) -> Iterator[tuple[dict, BatchInfo]]:
+        """Batches moved to the device, ending on every rank as soon as one rank runs out.
+
+        Ranks can hold different numbers of batches (shards of different sizes); DDP
+        would hang if one rank stopped while the others waited for its gradients.
+        """
+        for item in _with_end(batches):
+            if self.dist.world_size > 1:
+                flag = torch.tensor([0 if item is None else 1], device=self.dist.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+                if not flag.item():
+                    return
+            if item is None:
+                return
+            batch, info = item
+            yield _to_device(batch, self.dist.device), info
+
+    def _autocast(self):
+        precision = self.config.train.precision
+        if precision == "fp32":
+            return nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(self.dist.device.type, dtype=dtype)
+
+    def _backward(self, batch: dict, sync: bool) -> dict[str, float]:
+        module = self.forward_module
+        no_sync = module.no_sync() if isinstance(module, DistributedDataParallel) and not sync else nullcontext()
+        with no_sync:
+            with self._autocast():
+                losses = module(batch)
+            self.scaler.scale(losses["loss"] / self.config.train.accum_grad).backward()
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def _gan_step(self, batch: dict) -> tuple[dict[str, float], dict[str, float]]:
+        """Discriminator turn then generator turn on the same batch dict (see docs/design.md)."""
+        logged, norms = {}, {}
+        for turn in ("discriminator", "generator"):
+            self.optimizers[turn].zero_grad(set_to_none=True)
+            with self._autocast():
+                losses = self.model(batch, turn=turn)
+            self.scaler.scale(losses["loss"]).backward()
+            if self.dist.world_size > 1:
+                _average_gradients(self.params[turn], self.dist.world_size)
+            norms[f"grad_norm_{turn}"] = self._update(turn)
+            logged.update({f"{turn}/{k}": float(v.detach()) for k, v in losses.items()})
+        self.scaler.update()
+        logged["loss"] = logged["generator/loss"]
+        return logged, norms
+
+    def _update(self, name: str) -> float:
+        """Clip, step and advance the schedule of optimiser `name`; returns the gradient norm."""
+        optimizer = self.optimizers[name]
+        self.scaler.unscale_(optimizer)
+        clip = self.config.train.grad_clip
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params[name], clip if clip > 0 else math.inf))
+        if math.isfinite(norm) or self.scaler.is_enabled():
+            self.scaler.step(optimizer)  # the fp16 scaler itself skips non-finite steps
+        else:
+            log.warning("step %d: non-finite gradient norm for %s, update skipped", self.step + 1, name)
+        optimizer.zero_grad(set_to_none=True)
+        self.schedulers[name].step()
+        return norm
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = self.config.train.ema_decay
+        for key, value in self.model.state_dict().items():
+            if key in self.ema:
+                self.ema[key].lerp_(value.float(), 1 - decay)
+
+    # ---- validation, logging, checkpoints ----------------------------------------
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Mean loss terms over the validation set (weighted by rows), from all ranks.
+
+        The RNG states are restored afterwards, so how often validation runs never
+        changes the training trajectory.
+        """
+        saved = rng_state()
+        self.model.eval()
+        sums: dict[str, float] = {}
+        rows = 0
+        kwargs = {"turn": "generator"} if self.task.gan else {}
+        for batch, info in make_loader(self.cv_set, 0):
+            with self._autocast():
+                losses = self.model(_to_device(batch, self.dist.device), **kwargs)
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0.0) + float(value) * info.rows
+            rows += info.rows
+        self.model.train()
+        set_rng_state(saved)
+        if self.dist.world_size > 1:
+            gathered: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, (sums, rows))
+            sums, rows = {}, 0
+            for part_sums, part_rows in gathered:
+                rows += part_rows
+                for key, value in part_sums.items():
+                    sums[key] = sums.get(key, 0.0) + value
+        if rows == 0:
+            raise CosyError(f"no validation batches in {self.cv_set.shards[0]}...: the cv shards are empty "
+                            "or every row was dropped by the task's processors")
+        return {key: value / rows for key, value in sums.items()}
+
+    def _validate_and_save(self) -> None:
+        cv = self.validate()
+        if self.dist.main:
+            log.info("step %d cv %s", self.step, _format(cv))
+            for key, value in cv.items():
+                self.writer.add_scalar(f"cv/{key}", value, self.step)
+        self._save(cv["loss"])
+
+    def _save(self, cv_loss: float | None) -> None:
+        rngs: list[Any] = [rng_state()]
+        if self.dist.world_size > 1:
+            rngs = [None] * self.dist.world_size
+            dist.all_gather_object(rngs, rng_state())
+        if self.dist.main:
+            t = self.config.train
+            state = {
+                "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+                "scaler": self.scaler.state_dict(), "ema": self.ema, "rng": rngs,
+            }
+            entry = Entry(self.step, self.epoch, cv_loss)
+            self.checkpoints.save(entry, self.model.state_dict(), state, self.ema, t.keep_last, t.keep_best)
+            log.info("saved %s", self.expdir / entry.weights)
+        if self.dist.world_size > 1:
+            dist.barrier()
+
+    def _restore(self) -> None:
+        entry = self.checkpoints.latest()
+        if entry is None:
+            log.warning("--resume: no checkpoint in %s yet, starting from scratch", self.expdir)
+            if self.dist.main:
+                cfg.save(self.config, self.expdir / "config.yaml")
+            return
+        self.model.load_state_dict(load_weights(self.expdir / entry.weights))
+        state = self.checkpoints.load_state(entry)
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state["optimizers"][name])
+        for name, scheduler in self.schedulers.items():
+            scheduler.load_state_dict(state["schedulers"][name])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema = {k: v.to(self.dist.device) for k, v in state["ema"].items()}
+        self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
+        if len(state["rng"]) == self.dist.world_size:
+            set_rng_state(state["rng"][self.dist.rank])
+        else:
+            log.warning("resuming with %d processes instead of %d: RNG states are not restored",
+                        self.dist.world_size, len(state["rng"]))
+        log.info("resumed from %s (step %d, epoch %d, batch %d)",
+                 self.expdir / entry.weights, self.step, self.epoch, self.batches_done)
+
+    def _log_train(self, stats: _Stats) -> None:
+        if not self.dist.main:
+            return
+        values = stats.mean()
+        values.update(stats.norms)
+        values["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
+        values["frames_per_s"] = stats.frames_per_second()
+        log.info("epoch %d step %d %s", self.epoch, self.step, _format(values))
+        for key, value in values.items():
+            self.writer.add_scalar(f"train/{key}", value, self.step)
+
+    def _progress_bar(self):
+        if not (self.dist.main and sys.stderr.isatty()):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=self.config.train.max_steps or None, initial=self.step, unit="step")
+
+
+class _Stats:
+    """Running sums of loss terms and frames since the last log line."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.count = 0
+        self.frames = 0
+        self.start = time.perf_counter()
+        self.norms: dict[str, float] = {}
+
+    def add(self, losses: dict[str, float], info: BatchInfo) -> None:
+        for key, value in losses.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.count += 1
+        self.frames += info.frames
+
+    def mean(self) -> dict[str, float]:
+        return {key: value / max(1, self.count) for key, value in self.sums.items()}
+
+    def frames_per_second(self) -> float:
+        """Frames of this process per second of wall time."""
+        return self.frames / max(1e-9, time.perf_counter() - self.start)
+
+
+def _with_end(items: Iterator[Any]) -> Iterator[Any]:
+    yield from items
+    yield None
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
+    # GAN turns each touch one submodule, which DDP's single reducer cannot follow
+    for param in params:
+        if param.grad is not None:
+            dist.all_reduce(param.grad)
+            param.grad.div_(world_size)
+
+
+def _format(values: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.5g}" for k, v in values.items())
+
+
+def _setup_logging(path: Path) -> None:
+    logger = logging.getLogger("cosy")
+    logger.setLevel(logging.INFO)
+    for handler in list(logger.handlers):
+        if getattr(handler, "cosy_train", False):
+            logger.removeHandler(handler)
+            handler.close()
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    for handler in (logging.FileHandler(path), logging.StreamHandler(sys.stderr)):
+        handler.setFormatter(formatter)
+        handler.cosy_train = True
+        logger.addHandler(handler)
