@@ -1,0 +1,170 @@
+"""`cosy extract embeddings`: speaker embeddings of every utterance of a data dir.
+
+Writes DIR/utt2embedding.safetensors (one float32 vector per utterance) and
+DIR/spk2embedding.safetensors (the mean over each speaker's utterances). The model is
+a cosy checkpoint (a .safetensors file with the experiment's config.yaml next to it) or
+an ONNX file in the released contract: float32 [1, frames, 80] mean-normalised fbank
+in, [1, embedding_dim] out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from cosy import config as config_io
+from cosy.errors import CosyError
+from cosy.speaker.features import file_features
+from cosy.speaker.model import CAMPPlus, SpeakerConfig
+
+log = logging.getLogger(__name__)
+
+
+def load_checkpoint(path: str | Path) -> CAMPPlus:
+    """The embedding network of a `task: speaker` checkpoint, in eval mode."""
+    path = Path(path)
+    config_path = path.parent / "config.yaml"
+    if not config_path.is_file():
+        raise CosyError(f"speaker model {path}: no config.yaml next to it (expected {config_path})")
+    experiment = config_io.load_yaml(config_path)
+    if experiment.get("task") != "speaker":
+        raise CosyError(f"{config_path}: 'task' is {experiment.get('task')!r}, expected 'speaker'")
+    try:
+        cfg = config_io.from_dict(SpeakerConfig, experiment.get("model"), "model")
+    except CosyError as err:
+        raise CosyError(f"{config_path}: {err}") from err
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise CosyError(f"cannot read speaker checkpoint {path}: {err}") from err
+    # A training checkpoint also holds the classifier; only the encoder is needed here.
+    if any(k.startswith("encoder.") for k in state):
+        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    encoder = CAMPPlus(cfg.encoder)
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as err:
+        raise CosyError(f"speaker checkpoint {path} does not match {config_path}: {err}") from err
+    return encoder.eval()
+
+
+class TorchEncoder:
+    """A CAM++ module as a function (frames, n_mels) -> numpy (embedding_dim,)."""
+
+    def __init__(self, encoder: CAMPPlus, device: str = "cpu"):
+        self.encoder = encoder.to(device).eval()
+        self.device = device
+        self.embedding_dim = encoder.cfg.embedding_dim
+
+    @torch.inference_mode()
+    def __call__(self, feats: torch.Tensor) -> np.ndarray:
+        return self.encoder(feats[None].to(self.device))[0].float().cpu().numpy()
+
+
+class OnnxEncoder:
+    """An ONNX file in the released contract as a function (frames, n_mels) -> (embedding_dim,)."""
+
+    def __init__(self, path: str | Path):
+        import onnxruntime as ort
+
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as err:  # onnxruntime raises its own exception types for bad files
+            raise CosyError(f"cannot load ONNX speaker model {path}: {err}") from err
+        # Released files name their input differently; the contract is positional.
+        self.input_name = self.session.get_inputs()[0].name
+        self.embedding_dim = self.session.get_outputs()[0].shape[-1]
+
+    def __call__(self, feats: torch.Tensor) -> np.ndarray:
+        out = self.session.run(None, {self.input_name: feats[None].numpy().astype(np.float32)})[0]
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+
+def load_speaker_encoder(path: str | Path, device: str = "cpu") -> TorchEncoder | OnnxEncoder:
+    path = Path(path)
+    if not path.is_file():
+        raise CosyError(f"speaker model not found: {path}")
+    if path.suffix == ".onnx":
+        return OnnxEncoder(path)
+    return TorchEncoder(load_checkpoint(path), device)
+
+
+class _UtteranceFeatures(Dataset):
+    """(utt, path) pairs -> (utt, features or None, error message); decoding runs in workers."""
+
+    def __init__(self, items: list[tuple[str, str]]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        utt, path = self.items[i]
+        try:
+            return utt, file_features(path), ""
+        except CosyError as err:
+            return utt, None, str(err)
+
+
+def embed_utterances(wav: dict[str, str], encoder, num_workers: int = 0) -> dict[str, np.ndarray]:
+    """utt -> embedding for every readable file of `wav` (utt -> path); bad files are logged and skipped."""
+    loader = DataLoader(_UtteranceFeatures(sorted(wav.items())), batch_size=None, num_workers=num_workers)
+    out: dict[str, np.ndarray] = {}
+    for utt, feats, error in tqdm(loader, desc="speaker embeddings", unit="utt", disable=None):
+        if feats is None:
+            log.warning("skipping utterance %s: %s", utt, error)
+            continue
+        vector = encoder(feats)
+        if not np.isfinite(vector).all():
+            log.warning("skipping utterance %s: its embedding is not finite (audio too short?)", utt)
+            continue
+        out[utt] = vector
+    return out
+
+
+def speaker_means(embeddings: dict[str, np.ndarray], utt2spk: dict[str, str]) -> dict[str, np.ndarray]:
+    groups: dict[str, list[np.ndarray]] = {}
+    for utt, vector in embeddings.items():
+        groups.setdefault(utt2spk[utt], []).append(vector)
+    return {spk: np.mean(vectors, axis=0).astype(np.float32) for spk, vectors in sorted(groups.items())}
+
+
+def save_embeddings(path: Path, table: dict[str, np.ndarray]) -> None:
+    save_file({key: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for key, v in sorted(table.items())},
+              str(path))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="Kaldi data dir (wav.scp, utt2spk, ...)")
+    parser.add_argument("--speaker", required=True,
+                        help="speaker model: a cosy checkpoint (.safetensors with config.yaml beside it) or an .onnx file")
+    parser.add_argument("--num-workers", type=int, default=0, help="processes decoding audio (default 0)")
+    parser.add_argument("--device", default="cpu", help="torch device for a checkpoint (default cpu)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cosy.data.kaldi import DataDir
+
+    if args.num_workers < 0:
+        raise CosyError(f"--num-workers must be >= 0, got {args.num_workers}")
+    data = DataDir.load(args.data)
+    encoder = load_speaker_encoder(args.speaker, args.device)
+    embeddings = embed_utterances(data.wav, encoder, args.num_workers)
+    if not embeddings:
+        raise CosyError(f"no utterance of {args.data} could be embedded (see the warnings above)")
+    speakers = speaker_means(embeddings, data.utt2spk)
+    out = Path(args.data)
+    save_embeddings(out / "utt2embedding.safetensors", embeddings)
+    save_embeddings(out / "spk2embedding.safetensors", speakers)
+    skipped = len(data.wav) - len(embeddings)
+    print(f"wrote {len(embeddings)} utterance and {len(speakers)} speaker embeddings "
+          f"(dim {encoder.embedding_dim}) to {out}" + (f"; skipped {skipped} utterance(s)" if skipped else ""))
+    return 0
