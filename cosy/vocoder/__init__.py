@@ -1,0 +1,1 @@
+"""Vocoders: mel spectrogram -> waveform (HiFi-GAN and CosyVoice's HiFT)."""
