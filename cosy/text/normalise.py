@@ -1,0 +1,174 @@
+"""Text normalisation: write numbers, dates, currency and abbreviations out as words.
+
+The grammars come from the pip package wetext (English and Chinese WeTextProcessing
+FSTs, no compiler needed). When wetext is missing or fails on a sentence, a plain
+fallback spells out numbers, currency and a few abbreviations, so synthesis never
+stops on an odd input.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+
+from cosy.errors import CosyError
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("en", "zh")
+
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+_SPACES = re.compile(r"\s+")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+(?=[,.;:!?])")
+_NUMBER = re.compile(r"(?P<currency>[$€£¥])?(?P<int>\d{1,3}(?:,\d{3})+|\d+)(?:\.(?P<frac>\d+))?(?P<percent>%)?")
+
+
+def detect_lang(text: str) -> str:
+    """"zh" when `text` contains a Chinese character, else "en"."""
+    return "zh" if _HAN.search(text) else "en"
+
+
+def normalise(text: str, lang: str = "en") -> str:
+    """Spoken form of `text` in `lang` ("en", "zh" or "auto"), whitespace collapsed."""
+    if lang == "auto":
+        lang = detect_lang(text)
+    if lang not in SUPPORTED:
+        raise CosyError(f"normalise: lang must be one of {', '.join(SUPPORTED)} or auto, got '{lang}'")
+    text = _SPACES.sub(" ", text).strip()
+    if not text:
+        return ""
+    normaliser = _wetext_normaliser(lang)
+    if normaliser is None:
+        return fallback_normalise(text, lang)
+    try:
+        spoken = normaliser.normalize(text)
+    except Exception as err:  # any grammar failure: fall back, never stop a synthesis
+        log.warning("wetext failed on %r (%s); using the plain fallback", text[:80], err)
+        spoken = fallback_normalise(text, lang)
+    return _SPACES.sub(" ", spoken).strip()
+
+
+@functools.lru_cache(maxsize=None)
+def _wetext_normaliser(lang: str):
+    """The wetext normaliser of `lang`, or None (warned about once) when not installed."""
+    try:
+        from wetext import Normalizer
+    except ImportError:
+        log.warning("wetext is not installed: text normalisation uses the plain fallback")
+        return None
+    return Normalizer(lang=lang, operator="tn")
+
+
+# ------------------------------------------------------------------ plain fallback
+
+_EN_ABBREVIATIONS = {"Mr.": "mister", "Mrs.": "missus", "Ms.": "miss", "Dr.": "doctor",
+                     "Prof.": "professor", "vs.": "versus", "etc.": "et cetera", "e.g.": "for example",
+                     "i.e.": "that is"}
+_EN_ABBREVIATION = re.compile("|".join(r"\b" + re.escape(a) for a in _EN_ABBREVIATIONS))
+_EN_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+            "fifteen sixteen seventeen eighteen nineteen").split()
+_EN_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_EN_SCALES = ((10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (1000, "thousand"))
+_EN_CURRENCY = {"$": ("dollar", "dollars", "cent", "cents"), "€": ("euro", "euros", "cent", "cents"),
+                "£": ("pound", "pounds", "penny", "pence"), "¥": ("yuan", "yuan", "fen", "fen")}
+_ZH_DIGITS = "零一二三四五六七八九"
+_ZH_CURRENCY = {"$": "美元", "€": "欧元", "£": "英镑", "¥": "元"}
+
+
+def fallback_normalise(text: str, lang: str = "en") -> str:
+    """Rule-based spoken form without wetext: numbers, decimals, %, currency (and, in
+    English, common abbreviations)."""
+    if lang == "en":
+        text = _EN_ABBREVIATION.sub(lambda m: _EN_ABBREVIATIONS[m.group(0)], text)
+        text = _NUMBER.sub(lambda m: f" {_en_number(m)} ", text)  # "3kg" -> "three kg"
+        text = _SPACE_BEFORE_PUNCT.sub("", text)
+    else:
+        text = _NUMBER.sub(_zh_number, text)
+    return _SPACES.sub(" ", text).strip()
+
+
+def _en_number(match: re.Match) -> str:
+    digits, frac = match.group("int").replace(",", ""), match.group("frac")
+    currency = _EN_CURRENCY.get(match.group("currency") or "")
+    if currency and frac is not None and len(frac) == 2:
+        whole, cents = int(digits), int(frac)
+        words = f"{english_integer(whole)} {currency[0] if whole == 1 else currency[1]}"
+        return words + (f" and {english_integer(cents)} {currency[2] if cents == 1 else currency[3]}" if cents else "")
+    words = _read_digits(digits, _EN_ONES, " ") if _read_as_digits(digits) else english_integer(int(digits))
+    if frac is not None:
+        words += " point " + _read_digits(frac, _EN_ONES, " ")
+    if match.group("percent"):
+        words += " percent"
+    if currency:
+        words += " " + (currency[0] if digits == "1" and frac is None else currency[1])
+    return words
+
+
+def _zh_number(match: re.Match) -> str:
+    digits, frac = match.group("int").replace(",", ""), match.group("frac")
+    is_year = match.string.startswith("年", match.end())  # 2024年 is read digit by digit
+    by_digit = is_year or _read_as_digits(digits)
+    words = _read_digits(digits, _ZH_DIGITS, "") if by_digit else chinese_integer(int(digits))
+    if frac is not None:
+        words += "点" + _read_digits(frac, _ZH_DIGITS, "")
+    if match.group("percent"):
+        words = "百分之" + words
+    return words + _ZH_CURRENCY.get(match.group("currency") or "", "")
+
+
+def _read_as_digits(digits: str) -> bool:
+    """Leading zeros (codes like 007) and very long strings are read digit by digit."""
+    return (len(digits) > 1 and digits[0] == "0") or len(digits) > 15
+
+
+def _read_digits(digits: str, names, sep: str) -> str:
+    return sep.join(names[int(d)] for d in digits)
+
+
+def english_integer(n: int) -> str:
+    """English words of 0 <= n < 10**15 ("one hundred five")."""
+    if n < 20:
+        return _EN_ONES[n]
+    if n < 100:
+        return _EN_TENS[n // 10] + (" " + _EN_ONES[n % 10] if n % 10 else "")
+    if n < 1000:
+        return _EN_ONES[n // 100] + " hundred" + (" " + english_integer(n % 100) if n % 100 else "")
+    value, name = next((v, s) for v, s in _EN_SCALES if n >= v)
+    rest = n % value
+    return english_integer(n // value) + " " + name + (" " + english_integer(rest) if rest else "")
+
+
+def chinese_integer(n: int) -> str:
+    """Chinese reading of 0 <= n < 10**16 in groups of 万 and 亿 ("一万零五")."""
+    if n == 0:
+        return _ZH_DIGITS[0]
+    groups = []
+    while n:
+        groups.append(n % 10000)
+        n //= 10000
+    units = ("", "万", "亿", "万亿")
+    out, gap = "", False
+    for i in reversed(range(len(groups))):
+        if groups[i] == 0:
+            gap = bool(out)
+            continue
+        if out and (gap or groups[i] < 1000):
+            out += _ZH_DIGITS[0]
+        out += _chinese_group(groups[i]) + units[i]
+        gap = False
+    # 10-19 at the start are read 十, 十一, ... without a leading 一
+    return out[1:] if out.startswith("一十") else out
+
+
+def _chinese_group(n: int) -> str:
+    """Reading of 1 <= n <= 9999 with 千, 百, 十 and one 零 per run of inner zeros."""
+    out, zero = "", False
+    for value, unit in ((1000, "千"), (100, "百"), (10, "十"), (1, "")):
+        digit = n // value % 10
+        if digit:
+            out += (_ZH_DIGITS[0] if zero else "") + _ZH_DIGITS[digit] + unit
+            zero = False
+        elif out:
+            zero = True
+    return out
