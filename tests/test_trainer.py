@@ -1,0 +1,266 @@
+"""The training engine end to end on a tiny toy task (tests/toy_task.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cosy import cli
+from cosy.errors import CosyError
+from cosy.train import checkpoint
+from cosy.train.checkpoint import Checkpoints, Entry, atomic_write, load_weights
+from cosy.train.schedule import SchedulerConfig, lr_factor
+from cosy.train.tasks import get_task, register_task
+from toy_task import TASK, make_rows, write_shards
+
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # bit-exact comparisons with subprocesses that run with OMP_NUM_THREADS=1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_config(path: Path, train: dict, data: dict | None = None, model: dict | None = None,
+                 task: str = "toy_task:TASK") -> Path:
+    path.write_text(yaml.safe_dump({"task": task, "model": model or {}, "data": data or {}, "train": train}))
+    return path
+
+
+def corpus(tmp_path: Path, rows: int = 48, per_shard: int = 16) -> tuple[Path, Path]:
+    train = write_shards(tmp_path / "train", make_rows(rows), per_shard)
+    cv = write_shards(tmp_path / "cv", make_rows(8, seed=1, prefix="cv"), 8)
+    return train, cv
+
+
+def train_args(conf: Path, train: Path, cv: Path, out: Path, *extra: str) -> list[str]:
+    return ["train", "--config", str(conf), "--train-data", str(train), "--cv-data", str(cv), "--out", str(out),
+            *extra]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+            "OMP_NUM_THREADS": "1"}
+
+
+def final_weights(out: Path, name: str = "weights") -> tuple[int, dict[str, torch.Tensor]]:
+    """Step and tensors of the latest checkpoint; name="ema" for its EMA weights."""
+    last = Checkpoints(out).latest()
+    return last.step, load_weights(out / getattr(last, name))
+
+
+def test_killed_and_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path):
+    train, cv = corpus(tmp_path)
+    # dynamic batches, shuffle + sort buffers, accumulation, dropout, noisy processors,
+    # cosine schedule, EMA and mid-epoch validation all have to resume exactly
+    conf = write_config(tmp_path / "conf.yaml", data={"max_frames_in_batch": 40, "shuffle_size": 10, "sort_size": 5},
+                        train={"max_epochs": 2, "accum_grad": 2, "save_every_steps": 2, "cv_every_steps": 3,
+                               "log_every": 1, "ema_decay": 0.9, "keep_last": 2,
+                               "scheduler": {"name": "cosine", "warmup_steps": 2, "total_steps": 12}})
+    assert cli.main(train_args(conf, train, cv, tmp_path / "straight")) == 0
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "cosy.cli", *train_args(conf, train, cv, killed, "model.sleep=0.15")],
+                            env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and (Checkpoints(killed).latest() or Entry(0, 0, None)).step < 4:
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    entry = Checkpoints(killed).latest()
+    assert 4 <= entry.step < 10
+    assert Checkpoints(killed).load_state(entry)["batches_done"] > 0  # stopped mid-epoch
+
+    assert cli.main(train_args(conf, train, cv, killed, "--resume")) == 0
+    step_a, weights_a = final_weights(tmp_path / "straight")
+    step_b, weights_b = final_weights(killed)
+    ema_a, ema_b = final_weights(tmp_path / "straight", "ema")[1], final_weights(killed, "ema")[1]
+    assert step_a == step_b == 10
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert not torch.equal(weights_a["encoder.proj.weight"], ema_a["encoder.proj.weight"])
+    losses_a = [e.cv_loss for e in Checkpoints(tmp_path / "straight").entries]
+    assert losses_a == [e.cv_loss for e in Checkpoints(killed).entries]
+    assert "resumed from" in (killed / "train.log").read_text()
+
+
+def test_two_ddp_ranks_with_batch_b_match_one_process_with_batch_2b(tmp_path):
+    # one shard and no shuffling: rank r reads rows r, r+2, ..., so the two ranks'
+    # batches of 3 together are exactly the single process's batch of 6
+    train = write_shards(tmp_path / "train", make_rows(36), 36)
+    cv = write_shards(tmp_path / "cv", make_rows(8, seed=1, prefix="cv"), 8)
+    data = {"shuffle": False, "sort": False, "batch_type": "static"}
+    training = {"max_steps": 4, "log_every": 1, "optim": {"name": "adamw", "weight_decay": 0.01}}
+    single = write_config(tmp_path / "single.yaml", {**training}, {**data, "batch_size": 6}, {"dropout": 0.0})
+    ranks = write_config(tmp_path / "ranks.yaml", {**training}, {**data, "batch_size": 3}, {"dropout": 0.0})
+    assert cli.main(train_args(single, train, cv, tmp_path / "single")) == 0
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "cosy.cli", *train_args(ranks, train, cv, tmp_path / "ddp")],
+                            env=env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    step_a, weights_a = final_weights(tmp_path / "single")
+    step_b, weights_b = final_weights(tmp_path / "ddp")
+    assert step_a == step_b == 4
+    for key in weights_a:  # float32 sums in a different order: tolerance 1e-6
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=1e-6)
+    cv_a = Checkpoints(tmp_path / "single").latest().cv_loss
+    cv_b = Checkpoints(tmp_path / "ddp").latest().cv_loss
+    assert cv_a == pytest.approx(cv_b, rel=1e-6)
+
+
+def test_gradient_accumulation_of_two_batches_matches_one_double_batch(tmp_path):
+    train, cv = corpus(tmp_path, rows=24, per_shard=24)
+    data = {"shuffle": False, "sort": False, "batch_type": "static"}
+    one = write_config(tmp_path / "one.yaml", {"max_steps": 3}, {**data, "batch_size": 8}, {"dropout": 0.0})
+    two = write_config(tmp_path / "two.yaml", {"max_steps": 3, "accum_grad": 2}, {**data, "batch_size": 4},
+                       {"dropout": 0.0})
+    assert cli.main(train_args(one, train, cv, tmp_path / "one")) == 0
+    assert cli.main(train_args(two, train, cv, tmp_path / "two")) == 0
+    _, a = final_weights(tmp_path / "one")
+    _, b = final_weights(tmp_path / "two")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+
+
+def test_gan_task_trains_both_submodules_with_two_optimisers_in_bf16(tmp_path):
+    train, cv = corpus(tmp_path, rows=16, per_shard=16)
+    conf = write_config(tmp_path / "gan.yaml", task="toy_task:GAN_TASK",
+                        data={"batch_type": "static", "batch_size": 4},
+                        train={"max_steps": 3, "precision": "bf16", "log_every": 1,
+                               "optim_d": {"name": "adam", "lr": 2e-4}})
+    assert cli.main(train_args(conf, train, cv, tmp_path / "gan")) == 0
+    initial = get_task("toy_task:GAN_TASK")
+    torch.manual_seed(1234)  # the trainer's seed: the same initial weights
+    start = initial.build(initial.config_cls()).state_dict()
+    out = tmp_path / "gan"
+    weights = load_weights(out / Checkpoints(out).latest().weights)
+    for prefix in ("generator.", "discriminator."):
+        changed = [k for k in start if k.startswith(prefix) and not torch.equal(start[k], weights[k])]
+        assert changed, prefix
+    state = Checkpoints(out).load_state(Checkpoints(out).latest())
+    assert set(state["optimizers"]) == {"generator", "discriminator"}
+    assert state["optimizers"]["discriminator"]["param_groups"][0]["lr"] == pytest.approx(2e-4)
+    log = (out / "train.log").read_text()
+    assert "discriminator/loss=" in log and "generator/adv=" in log and "grad_norm_generator=" in log
+    assert Checkpoints(out).latest().cv_loss is not None
+
+
+def test_outputs_config_log_and_tensorboard(tmp_path):
+    train, cv = corpus(tmp_path, rows=16, per_shard=16)
+    conf = write_config(tmp_path / "c.yaml", {"max_steps": 2, "log_every": 1})
+    out = tmp_path / "exp"
+    assert cli.main(train_args(conf, train, cv, out, "train.optim.lr=0.5")) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["task"] == "toy_task:TASK" and saved["train"]["optim"]["lr"] == 0.5
+    assert saved["model"]["dim"] == 8 and saved["data"]["max_frames_in_batch"] == 12000
+    assert "grad_norm=" in (out / "train.log").read_text()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    # a second run into the same folder without --resume must not overwrite it
+    assert cli.main(train_args(conf, train, cv, out)) == 1
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty", "no training batches"),
+    ("missing_shard", "shard file not found"),
+    ("unknown_key", "'train.max_stepz'"),
+    ("unknown_task", "unknown task 'vocodr' (known tasks: flow, llm, speaker, tokenizer, vocoder"),
+])
+def test_bad_input_fails_fast_naming_the_cause(tmp_path, capsys, case, message):
+    train, cv = corpus(tmp_path, rows=8, per_shard=8)
+    config = {"max_steps": 2}
+    task = "toy_task:TASK"
+    if case == "empty":
+        train = write_shards(tmp_path / "empty", [], 8)
+    elif case == "missing_shard":
+        Path(train.read_text().split()[0]).unlink()
+    elif case == "unknown_key":
+        config["max_stepz"] = 3
+    else:
+        task = "vocodr"
+    conf = write_config(tmp_path / "c.yaml", config, task=task)
+    start = time.time()
+    assert cli.main(train_args(conf, train, cv, tmp_path / "exp")) == 1
+    assert message in capsys.readouterr().err
+    assert time.time() - start < 20
+
+
+def test_average_of_two_checkpoints_is_their_mean(tmp_path):
+    store = Checkpoints(tmp_path)
+    first = {"w": torch.randn(3, 4), "count": torch.tensor(7)}
+    second = {"w": torch.randn(3, 4), "count": torch.tensor(9)}
+    worst = {"w": torch.randn(3, 4), "count": torch.tensor(1)}
+    for step, weights, loss in ((1, worst, 3.0), (2, first, 1.0), (3, second, 2.0)):
+        store.save(Entry(step, 0, loss), weights, {"step": step}, None, keep_last=5, keep_best=5)
+    out = tmp_path / "avg.safetensors"
+    assert cli.main(["average", str(tmp_path), "--best", "2", "--out", str(out)]) == 0
+    averaged = load_weights(out)
+    torch.testing.assert_close(averaged["w"], (first["w"] + second["w"]) / 2, rtol=0, atol=1e-7)
+    assert averaged["count"].item() == 7  # integer tensors come from the best checkpoint
+    assert cli.main(["average", str(tmp_path / "nowhere"), "--best", "2", "--out", str(out)]) == 1
+
+
+def test_checkpoints_keep_the_last_k_and_the_best_by_cv_loss(tmp_path):
+    store = Checkpoints(tmp_path)
+    losses = {1: 0.5, 2: 0.1, 3: 0.4, 4: None, 5: 0.3, 6: 0.9}
+    for step, loss in losses.items():
+        store.save(Entry(step, 0, loss), {"w": torch.full((2,), float(step))}, {"step": step}, None,
+                   keep_last=2, keep_best=2)
+    assert [e.step for e in Checkpoints(tmp_path).entries] == [2, 5, 6]
+    assert sorted(p.name for p in tmp_path.glob("step_*.safetensors")) == [
+        "step_2.safetensors", "step_5.safetensors", "step_6.safetensors"]
+
+
+def test_atomic_write_leaves_the_old_file_and_no_partial_file_when_interrupted(tmp_path, monkeypatch):
+    target = tmp_path / "state.pt"
+    atomic_write(target, b"old")
+
+    def crash(fd):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", crash)
+    with pytest.raises(OSError):
+        atomic_write(target, b"new" * 1000)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+
+
+def test_schedules_warm_up_linearly_then_follow_their_shape():
+    warm = 4
+    for name in ("constant", "inverse_sqrt", "cosine"):
+        config = SchedulerConfig(name=name, warmup_steps=warm, min_factor=0.1)
+        assert [lr_factor(config, s, 20) for s in range(warm)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lr_factor(SchedulerConfig("constant", warm), 50, 20) == 1.0
+    inverse = SchedulerConfig("inverse_sqrt", warm)
+    assert lr_factor(inverse, 4 * warm - 1, 0) == pytest.approx(0.5, abs=1e-12)  # sqrt(4 / 16)
+    cosine = SchedulerConfig("cosine", warm, min_factor=0.1)
+    values = [lr_factor(cosine, s, 20) for s in range(warm, 20)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert values[-1] == pytest.approx(0.1, abs=1e-12)
+
+
+def test_register_task_and_unknown_names():
+    from dataclasses import replace
+    register_task(replace(TASK, name="toy_registered"))
+    assert get_task("toy_registered").build is TASK.build
+    with pytest.raises(CosyError, match="toy_registered"):
+        get_task("nope")
+    with pytest.raises(CosyError, match="not a cosy.train.task.Task"):
+        get_task("toy_task:make_rows")
