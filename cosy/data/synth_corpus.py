@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from multiprocessing import get_context
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -187,11 +187,9 @@ def build_corpus(out: str | Path, size: str = "tiny", seed: int = 0, num_jobs: i
                                                                           ("dev", plan.dev_utts)]
         lines = [(split, f"{spk.id}-{ids[s]:05d}", s) for split, n in wanted for s in rng.sample(pools[split], n)]
         jobs.append((spk, lines, out / "wavs" / spk.id))
-    if num_jobs == 1:
-        results = [render_speaker(*job) for job in jobs]
-    else:
-        with get_context("spawn").Pool(num_jobs) as pool:
-            results = pool.starmap(render_speaker, jobs)
+    # Threads suffice: the engines and sox run as child processes.
+    with ThreadPoolExecutor(num_jobs) as pool:
+        results = list(pool.map(lambda job: render_speaker(*job), jobs))
 
     splits = {name: DataDir({}, {}, {}, utt2dur={}) for name in ("train", "dev", "test")}
     dropped = []
