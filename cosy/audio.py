@@ -134,8 +134,8 @@ class FbankConfig:
         return 1 << (self.frame_length - 1).bit_length()
 
 
-def mel_frames(num_samples: int, cfg: MelConfig) -> int:
-    """Number of frames `mel_spectrogram` gives for `num_samples` samples."""
+def mel_frames(num_samples: int | torch.Tensor, cfg: MelConfig) -> int | torch.Tensor:
+    """Number of frames `mel_spectrogram` gives for `num_samples` samples (int or tensor)."""
     return num_samples // cfg.hop_length + (1 if cfg.center else 0)
 
 
@@ -152,14 +152,15 @@ def mel_spectrogram(wave: torch.Tensor, cfg: MelConfig, lengths: torch.Tensor | 
     spec = torch.stft(padded, cfg.n_fft, cfg.hop_length, cfg.win_length, window, center=False,
                       return_complex=True)
     magnitude = torch.sqrt(spec.real.square() + spec.imag.square() + 1e-9)
-    basis = _slaney_mel_basis(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax, wave.device, wave.dtype)
+    basis = _slaney_mel_basis(cfg.sample_rate, cfg.n_fft, cfg.n_mels, cfg.fmin, cfg.fmax,
+                              wave.device, wave.dtype)
     mel = torch.log(torch.clamp(basis @ magnitude, min=1e-5))
-    frames = torch.tensor([mel_frames(int(n), cfg) for n in lengths], device=wave.device)
+    frames = mel_frames(lengths, cfg)
     return _mask_frames(mel[..., :int(frames.max())], frames)
 
 
-def whisper_frames(num_samples: int, cfg: WhisperMelConfig) -> int:
-    """Number of frames `whisper_log_mel` gives for `num_samples` samples (100 per second)."""
+def whisper_frames(num_samples: int | torch.Tensor, cfg: WhisperMelConfig) -> int | torch.Tensor:
+    """Number of frames `whisper_log_mel` gives for `num_samples` samples (int or tensor)."""
     return num_samples // cfg.hop_length
 
 
@@ -177,9 +178,10 @@ def whisper_log_mel(wave: torch.Tensor, cfg: WhisperMelConfig,
     spec = torch.stft(padded, cfg.n_fft, cfg.hop_length, window=window, center=False, return_complex=True)
     # Whisper drops the last centred frame, which leaves exactly samples // hop frames.
     power = spec[..., :-1].abs().square()
-    basis = _slaney_mel_basis(cfg.sample_rate, cfg.n_fft, cfg.n_mels, 0.0, cfg.sample_rate / 2, wave.device, wave.dtype)
+    basis = _slaney_mel_basis(cfg.sample_rate, cfg.n_fft, cfg.n_mels, 0.0, cfg.sample_rate / 2,
+                              wave.device, wave.dtype)
     log_mel = torch.log10(torch.clamp(basis @ power, min=1e-10))
-    frames = lengths // cfg.hop_length
+    frames = whisper_frames(lengths, cfg)
     log_mel = log_mel[..., :int(frames.max())]
     valid = _frame_mask(frames, log_mel.shape[-1])[:, None, :]
     peak = log_mel.masked_fill(~valid, float("-inf")).amax(dim=(1, 2), keepdim=True)
@@ -190,7 +192,7 @@ def whisper_log_mel(wave: torch.Tensor, cfg: WhisperMelConfig,
 def fbank_frames(num_samples: int, cfg: FbankConfig) -> int:
     """Number of frames `kaldi_fbank` gives for `num_samples` samples."""
     if cfg.snip_edges:
-        return 0 if num_samples < cfg.frame_length else 1 + (num_samples - cfg.frame_length) // cfg.frame_shift
+        return max(0, 1 + (num_samples - cfg.frame_length) // cfg.frame_shift)
     return (num_samples + cfg.frame_shift // 2) // cfg.frame_shift
 
 

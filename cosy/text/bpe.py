@@ -33,7 +33,8 @@ class TextTokenizer:
                 raise CosyError(f"tokenizer training text not found: {name}")
         smallest = len(SPECIAL_TOKENS) + len(pre_tokenizers.ByteLevel.alphabet())
         if vocab_size < smallest:
-            raise CosyError(f"vocab_size must be at least {smallest} (special tokens + 256 bytes), got {vocab_size}")
+            raise CosyError(f"vocab_size must be at least {smallest} (special tokens + 256 bytes), "
+                            f"got {vocab_size}")
         tokenizer = Tokenizer(models.BPE())
         tokenizer.normalizer = normalizers.NFC()
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

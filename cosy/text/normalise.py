@@ -21,7 +21,8 @@ SUPPORTED = ("en", "zh")
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _SPACES = re.compile(r"\s+")
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+(?=[,.;:!?])")
-_NUMBER = re.compile(r"(?P<currency>[$€£¥])?(?P<int>\d{1,3}(?:,\d{3})+|\d+)(?:\.(?P<frac>\d+))?(?P<percent>%)?")
+_NUMBER = re.compile(r"(?P<currency>[$€£¥])?(?P<int>\d{1,3}(?:,\d{3})+|\d+)"
+                     r"(?:\.(?P<frac>\d+))?(?P<percent>%)?")
 
 
 def detect_lang(text: str) -> str:
@@ -94,7 +95,9 @@ def _en_number(match: re.Match) -> str:
     if currency and frac is not None and len(frac) == 2:
         whole, cents = int(digits), int(frac)
         words = f"{english_integer(whole)} {currency[0] if whole == 1 else currency[1]}"
-        return words + (f" and {english_integer(cents)} {currency[2] if cents == 1 else currency[3]}" if cents else "")
+        if cents:
+            words += f" and {english_integer(cents)} {currency[2] if cents == 1 else currency[3]}"
+        return words
     words = _read_digits(digits, _EN_ONES, " ") if _read_as_digits(digits) else english_integer(int(digits))
     if frac is not None:
         words += " point " + _read_digits(frac, _EN_ONES, " ")

@@ -35,8 +35,9 @@ def split_sentences(text: str, lang: str = "en", max_chars: int | None = None,
     if lang == "auto":
         lang = detect_lang(text)
     if lang not in DEFAULT_LIMITS:
-        raise CosyError(f"split_sentences: lang must be one of {', '.join(DEFAULT_LIMITS)} or auto, got '{lang}'")
-    max_chars = max_chars or DEFAULT_LIMITS[lang][0]
+        raise CosyError(f"split_sentences: lang must be one of {', '.join(DEFAULT_LIMITS)} or auto, "
+                        f"got '{lang}'")
+    max_chars = DEFAULT_LIMITS[lang][0] if max_chars is None else max_chars
     min_chars = DEFAULT_LIMITS[lang][1] if min_chars is None else min_chars
     if max_chars < 1 or min_chars > max_chars:
         raise CosyError(f"split_sentences: need 1 <= min_chars <= max_chars, got {min_chars} and {max_chars}")
