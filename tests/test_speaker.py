@@ -340,3 +340,43 @@ def test_resemblyzer_judge_prefers_the_same_voice(tmp_path):
     assert np.linalg.norm(judge.embed(a1)) == pytest.approx(1.0, abs=1e-4)
     same, different = judge.similarity(a1, a2), judge.similarity(a1, b)
     assert same > different + 0.05, (same, different)
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_train_extract_and_eval_on_the_tiny_corpus(tiny_corpus, tmp_path):
+    """Shards -> the training engine -> its checkpoint -> embeddings and EER (model and judge)."""
+    for split in ("train", "dev"):
+        assert cli_main(["data", "shards", str(tiny_corpus / split), str(tmp_path / split)]) == 0
+    cfg = dataclasses.replace(tiny_config(embedding_dim=16), speakers=str(tiny_corpus / "train/spk2utt"),
+                              segment_seconds=1.0)
+    conf = tmp_path / "speaker.yaml"
+    conf.write_text(yaml.safe_dump({
+        "task": "speaker", "model": config_io.to_dict(cfg),
+        "data": {"batch_type": "static", "batch_size": 8, "sort": False},
+        "train": {"max_steps": 4, "max_epochs": 0, "log_every": 2},
+    }))
+    exp = tmp_path / "exp"
+    assert cli_main(["train", "--config", str(conf), "--train-data", str(tmp_path / "train/data.list"),
+                     "--cv-data", str(tmp_path / "dev/data.list"), "--out", str(exp)]) == 0
+    checkpoint = exp / "step_4.safetensors"
+
+    test_dir = tmp_path / "test"  # a copy: the shared corpus stays read-only
+    test_dir.mkdir()
+    for name in ("wav.scp", "text", "utt2spk", "spk2utt"):
+        (test_dir / name).write_text((tiny_corpus / "test" / name).read_text())
+    assert cli_main(["extract", "embeddings", "--data", str(test_dir), "--speaker", str(checkpoint)]) == 0
+    utts = load_file(str(test_dir / "utt2embedding.safetensors"))
+    expected = sorted(line.split()[0] for line in (test_dir / "wav.scp").read_text().splitlines())
+    assert sorted(utts) == expected and all(v.shape == (16,) for v in utts.values())
+
+    out = tmp_path / "eer.json"
+    assert cli_main(["eval", "speaker", "--data", str(tiny_corpus / "dev"), "--data", str(test_dir),
+                     "--speaker", str(checkpoint), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["judge"] == "resemblyzer"
+    assert "model" not in report["sets"][str(tiny_corpus / "dev")]  # one utterance per speaker
+    for who in ("model", "judge"):
+        assert 0.0 <= report["sets"][str(test_dir)][who]["eer"] <= 1.0
+        assert 0.0 <= report["pooled"][who]["eer"] <= 1.0

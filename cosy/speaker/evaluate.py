@@ -99,7 +99,8 @@ def evaluate(data_dirs: list[str], speaker_model: str, use_judge: bool = True, m
     encoder = load_speaker_encoder(speaker_model, device)
     judge = judge_module.ResemblyzerJudge() if use_judge and judge_module.available() else None
     report: dict = {"speaker_model": str(speaker_model), "judge": "resemblyzer" if judge else None, "sets": {}}
-    pooled: dict[str, list[np.ndarray]] = {"model": [], "judge": [], "target": []}
+    pooled: dict[str, list[np.ndarray]] = {"model": [], "judge": []} if judge else {"model": []}
+    pooled_target: list[np.ndarray] = []
     for data_dir in data_dirs:
         data = DataDir.load(data_dir)
         embedded = embed_utterances(data.wav, encoder, num_workers)
@@ -108,23 +109,25 @@ def evaluate(data_dirs: list[str], speaker_model: str, use_judge: bool = True, m
         speakers = np.array([data.utt2spk[u] for u in utts])
         i, j = build_trials(len(utts), max_trials)
         is_target = speakers[i] == speakers[j]
-        if is_target.all() or not is_target.any():
-            raise CosyError(f"data dir {data_dir}: need target and non-target trials, i.e. at least two "
-                            f"speakers and one with two readable utterances")
-        scores = score_trials(np.stack([embedded[u] for u in utts]), i, j)
         result = {"utterances": len(utts), "speakers": len(set(speakers)), "target_trials": int(is_target.sum()),
-                  "nontarget_trials": int((~is_target).sum()), "model": _metrics(scores, is_target)}
-        pooled["model"].append(scores)
-        pooled["target"].append(is_target)
-        if judge:
-            judge_scores = score_trials(np.stack([judged[u] for u in utts]), i, j)
-            result["judge"] = _metrics(judge_scores, is_target)
-            pooled["judge"].append(judge_scores)
+                  "nontarget_trials": int((~is_target).sum())}
         report["sets"][str(data_dir)] = result
-    is_target = np.concatenate(pooled["target"])
-    report["pooled"] = {"model": _metrics(np.concatenate(pooled["model"]), is_target)}
-    if judge:
-        report["pooled"]["judge"] = _metrics(np.concatenate(pooled["judge"]), is_target)
+        if len(i) == 0:
+            continue
+        scores = {"model": score_trials(np.stack([embedded[u] for u in utts]), i, j)}
+        if judge:
+            scores["judge"] = score_trials(np.stack([judged[u] for u in utts]), i, j)
+        for who, values in scores.items():
+            pooled[who].append(values)
+        pooled_target.append(is_target)
+        # A dev set with one utterance per speaker has no target trials: it only counts pooled.
+        if is_target.any() and not is_target.all():
+            result.update({who: _metrics(values, is_target) for who, values in scores.items()})
+    is_target = np.concatenate(pooled_target) if pooled_target else np.zeros(0, bool)
+    if is_target.all() or not is_target.any():
+        raise CosyError(f"the trials of {', '.join(map(str, data_dirs))} need both target and non-target pairs: "
+                        f"at least two speakers and one with two readable utterances")
+    report["pooled"] = {who: _metrics(np.concatenate(values), is_target) for who, values in pooled.items()}
     return report
 
 
@@ -135,6 +138,8 @@ def format_report(report: dict) -> str:
                                               f"{result['target_trials']} target / {result['nontarget_trials']} "
                                               f"non-target trials")
         lines.append(head)
+        if "model" not in result:
+            lines.append("  no EER of its own (needs target and non-target trials); counted in pooled")
         for who in ("model", "judge"):
             if who in result:
                 label = "speaker model" if who == "model" else "resemblyzer"
