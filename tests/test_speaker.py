@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from cosy import config as config_io
 from cosy.cli import main as cli_main
 from cosy.errors import CosyError
-from cosy.speaker import CAMPPlus, CAMPPlusConfig, SpeakerConfig, SpeakerModel
+from cosy.speaker import CAMPPlus, CAMPPlusConfig, ECAPAConfig, ECAPATDNN, SpeakerConfig, SpeakerModel, build_encoder
 from cosy.speaker.evaluate import build_trials, equal_error_rate, min_dcf
 from cosy.speaker.features import fbank_features
 from cosy.speaker.loss import AAMConfig, AAMSoftmax
@@ -34,7 +34,13 @@ RATE = 16000
 def tiny_config(**encoder) -> SpeakerConfig:
     data = config_io.load_yaml(ROOT / "recipes/mini/conf/speaker_tiny.yaml")["model"]
     cfg = config_io.from_dict(SpeakerConfig, data)
-    return dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, **encoder))
+    return dataclasses.replace(cfg, campplus=dataclasses.replace(cfg.campplus, **encoder))
+
+
+def tiny_ecapa_config(**sizes) -> SpeakerConfig:
+    ecapa = ECAPAConfig(**{"channels": 32, "res2_scale": 4, "se_channels": 8, "aggregate_channels": 48,
+                           "attention_channels": 8, "embedding_dim": 24, **sizes})
+    return dataclasses.replace(tiny_config(), architecture="ecapa_tdnn", ecapa_tdnn=ecapa)
 
 
 def synthetic_voice(speaker: int, seconds: float, rng: np.random.Generator) -> np.ndarray:
@@ -108,21 +114,31 @@ def test_embedding_size_flows_from_config():
         assert encoder(torch.randn(2, frames, 80)).shape == (2, 37)
 
 
-def test_published_size_is_the_default():
-    encoder = CAMPPlus(CAMPPlusConfig())
-    params = sum(p.numel() for p in encoder.parameters())
-    assert 6.5e6 < params < 7.5e6  # CAM++ is about 7 M parameters
-    assert encoder.embed.out_features == CAMPPlusConfig().embedding_dim
+def test_ecapa_embedding_size_flows_from_config():
+    torch.manual_seed(0)
+    encoder = build_encoder(tiny_ecapa_config(embedding_dim=29)).eval()
+    assert isinstance(encoder, ECAPATDNN)
+    for frames in (40, 173):
+        assert encoder(torch.randn(2, frames, 80)).shape == (2, 29)
+
+
+def test_published_sizes_are_the_defaults():
+    campplus, ecapa = CAMPPlus(CAMPPlusConfig()), ECAPATDNN(ECAPAConfig())
+    assert 6.5e6 < sum(p.numel() for p in campplus.parameters()) < 7.5e6  # CAM++: about 7 M
+    assert 14e6 < sum(p.numel() for p in ecapa.parameters()) < 16e6  # ECAPA-TDNN (C=1024): about 15 M
+    assert campplus.embed.out_features == CAMPPlusConfig().embedding_dim
+    assert ecapa.embed.out_features == ECAPAConfig().embedding_dim
+    assert isinstance(build_encoder(SpeakerConfig()), CAMPPlus)
 
 
 def test_no_hard_coded_embedding_size():
-    """192 may appear only as the published default in the config dataclass."""
+    """192 may appear only as the published default in the config dataclasses."""
     hits = []
     for path in sorted((ROOT / "cosy/speaker").glob("*.py")):
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if re.search(r"\b192\b", line):
                 hits.append((path.name, line.strip()))
-    assert hits == [("model.py", "embedding_dim: int = 192")]
+    assert hits == [("ecapa.py", "embedding_dim: int = 192"), ("model.py", "embedding_dim: int = 192")]
 
 
 def test_recipe_configs_map_onto_the_dataclass():
@@ -131,7 +147,7 @@ def test_recipe_configs_map_onto_the_dataclass():
         assert data["task"] == "speaker"
         cfg = config_io.from_dict(SpeakerConfig, data["model"], "model")
         assert isinstance(cfg.encoder, CAMPPlusConfig) and cfg.loss.scale > 0
-    published = config_io.load_yaml(ROOT / "recipes/libritts/conf/speaker_campplus.yaml")["model"]["encoder"]
+    published = config_io.load_yaml(ROOT / "recipes/libritts/conf/speaker_campplus.yaml")["model"]["campplus"]
     assert config_io.from_dict(CAMPPlusConfig, published) == CAMPPlusConfig()
 
 
@@ -233,9 +249,10 @@ def test_task_drops_unknown_speakers_and_validates_the_list(speakers_file, tmp_p
 # ----------------------------------------------------------------------------- ONNX, extraction
 
 
-def test_onnx_export_parity_with_dynamic_length(tmp_path):
+@pytest.mark.parametrize("cfg", [tiny_config(embedding_dim=24), tiny_ecapa_config()], ids=["campplus", "ecapa"])
+def test_onnx_export_parity_with_dynamic_length(cfg, tmp_path):
     torch.manual_seed(0)
-    encoder = CAMPPlus(tiny_config(embedding_dim=24).encoder)
+    encoder = build_encoder(cfg)
     # Non-trivial normalisation statistics, as a trained model has.
     for module in encoder.modules():
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
@@ -306,7 +323,7 @@ def test_trials_cover_every_pair_once_or_a_sample():
 
 def test_eval_speaker_command(tmp_path):
     data = make_data_dir(tmp_path / "data", corrupt=False)
-    cfg = dataclasses.replace(tiny_config(), speakers=str(data / "spk2utt"))
+    cfg = dataclasses.replace(tiny_ecapa_config(), speakers=str(data / "spk2utt"))  # the second architecture
     torch.manual_seed(0)
     checkpoint = save_checkpoint(tmp_path / "exp", cfg, SpeakerModel(cfg, num_speakers=3))
     out = tmp_path / "eer.json"

@@ -23,12 +23,12 @@ from tqdm import tqdm
 from cosy import config as config_io
 from cosy.errors import CosyError
 from cosy.speaker.features import file_features
-from cosy.speaker.model import CAMPPlus, SpeakerConfig
+from cosy.speaker.model import SpeakerConfig, SpeakerEncoder, build_encoder
 
 log = logging.getLogger(__name__)
 
 
-def load_checkpoint(path: str | Path) -> CAMPPlus:
+def load_checkpoint(path: str | Path) -> SpeakerEncoder:
     """The embedding network of a `task: speaker` checkpoint, in eval mode."""
     path = Path(path)
     config_path = path.parent / "config.yaml"
@@ -48,7 +48,7 @@ def load_checkpoint(path: str | Path) -> CAMPPlus:
     # A training checkpoint also holds the classifier; only the encoder is needed here.
     if any(k.startswith("encoder.") for k in state):
         state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    encoder = CAMPPlus(cfg.encoder)
+    encoder = build_encoder(cfg)
     try:
         encoder.load_state_dict(state)
     except RuntimeError as err:
@@ -57,9 +57,9 @@ def load_checkpoint(path: str | Path) -> CAMPPlus:
 
 
 class TorchEncoder:
-    """A CAM++ module as a function (frames, n_mels) -> numpy (embedding_dim,)."""
+    """An embedding network as a function (frames, n_mels) -> numpy (embedding_dim,)."""
 
-    def __init__(self, encoder: CAMPPlus, device: str = "cpu"):
+    def __init__(self, encoder: SpeakerEncoder, device: str = "cpu"):
         self.encoder = encoder.to(device).eval()
         self.device = device
         self.embedding_dim = encoder.cfg.embedding_dim

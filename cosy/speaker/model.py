@@ -9,11 +9,14 @@ additive angular margin classifier used to train it on speaker labels.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cosy.errors import CosyError
+from cosy.speaker.ecapa import ECAPAConfig, ECAPATDNN
 from cosy.speaker.loss import AAMConfig, AAMSoftmax
 
 
@@ -42,12 +45,19 @@ class SpeakerConfig:
     speakers: file whose first column lists the training speaker ids (a `spk2utt` or a
         plain list); line order gives the class index.
     segment_seconds: length of the random crop each training utterance contributes.
+    architecture: which embedding network; its sizes are the section of the same name.
     """
 
     speakers: str = ""
     segment_seconds: float = 3.0
-    encoder: CAMPPlusConfig = field(default_factory=CAMPPlusConfig)
+    architecture: Literal["campplus", "ecapa_tdnn"] = "campplus"
+    campplus: CAMPPlusConfig = field(default_factory=CAMPPlusConfig)
+    ecapa_tdnn: ECAPAConfig = field(default_factory=ECAPAConfig)
     loss: AAMConfig = field(default_factory=AAMConfig)
+
+    @property
+    def encoder(self) -> CAMPPlusConfig | ECAPAConfig:
+        return getattr(self, self.architecture)
 
 
 def _bn_relu(channels: int) -> nn.Sequential:
@@ -173,7 +183,7 @@ class CAMPPlus(nn.Module):
         super().__init__()
         lengths = {len(cfg.block_layers), len(cfg.block_kernels), len(cfg.block_dilations)}
         if len(lengths) != 1:
-            raise ValueError("block_layers, block_kernels and block_dilations must have the same length")
+            raise CosyError("campplus: block_layers, block_kernels and block_dilations must have the same length")
         self.cfg = cfg
         self.fcm = FrontConvModule(cfg)
         channels = cfg.init_channels
@@ -198,13 +208,21 @@ class CAMPPlus(nn.Module):
         return self.embed_norm(self.embed(stats))
 
 
+SpeakerEncoder = CAMPPlus | ECAPATDNN
+
+
+def build_encoder(cfg: SpeakerConfig) -> SpeakerEncoder:
+    """The embedding network named by `cfg.architecture`."""
+    return CAMPPlus(cfg.campplus) if cfg.architecture == "campplus" else ECAPATDNN(cfg.ecapa_tdnn)
+
+
 class SpeakerModel(nn.Module):
-    """CAM++ trained as a speaker classifier with additive angular margin softmax."""
+    """An embedding network trained as a speaker classifier with additive angular margin softmax."""
 
     def __init__(self, cfg: SpeakerConfig, num_speakers: int):
         super().__init__()
         self.cfg = cfg
-        self.encoder = CAMPPlus(cfg.encoder)
+        self.encoder = build_encoder(cfg)
         self.loss = AAMSoftmax(cfg.loss, cfg.encoder.embedding_dim, num_speakers)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:

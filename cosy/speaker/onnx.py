@@ -15,10 +15,10 @@ import torch
 
 from cosy.errors import CosyError
 from cosy.speaker.extract import OnnxEncoder, load_checkpoint
-from cosy.speaker.model import CAMPPlus
+from cosy.speaker.model import SpeakerEncoder
 
 
-def export_onnx(encoder: CAMPPlus, path: str | Path, opset: int = 17) -> None:
+def export_onnx(encoder: SpeakerEncoder, path: str | Path, opset: int = 17) -> None:
     encoder = encoder.eval()
     example = torch.randn(1, 200, encoder.cfg.feat_dim)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -31,7 +31,7 @@ def export_onnx(encoder: CAMPPlus, path: str | Path, opset: int = 17) -> None:
                           dynamic_axes={"feats": {1: "frames"}})
 
 
-def parity(encoder: CAMPPlus, path: str | Path, frames: tuple[int, ...] = (123, 301, 777),
+def parity(encoder: SpeakerEncoder, path: str | Path, frames: tuple[int, ...] = (123, 301, 777),
            seed: int = 0) -> float:
     """Smallest cosine between PyTorch and onnxruntime embeddings over inputs of several lengths."""
     onnx_encoder = OnnxEncoder(path)
