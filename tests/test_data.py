@@ -119,11 +119,13 @@ def test_load_refuses_broken_dir_naming_the_file(tmp_path):
 
 def test_unsorted_ids_and_bad_durations_are_reported(tmp_path):
     make_dir(tmp_path, n_utts=2)
-    (tmp_path / "utt2dur").write_text("s0-u00 0.2\ns1-u01 -1\n")
+    (tmp_path / "utt2dur").write_text("s0-u00 0.2\n\ns1-u01 -1\n")
     (tmp_path / "text").write_text("s1-u01 b\ns0-u00 a\n")
     found = {(Path(p.file).name, p.line): p.message for p in validate(tmp_path)}
     assert "not sorted" in found[("text", 2)]
-    assert "positive number" in found[("utt2dur", 2)]
+    assert found[("utt2dur", 2)] == "empty line"
+    assert "positive number" in found[("utt2dur", 3)]
+    assert len(found) == 3
 
 
 def add_features(root: Path, data: DataDir, skip: str) -> tuple[dict, dict, dict]:

@@ -117,8 +117,8 @@ def write_table(path: str | Path, table: dict[str, str]) -> None:
 def read_entries(path: Path, problems: list[Problem]) -> list[Entry]:
     """Parse `<key> <value>` lines, appending a Problem for each bad line."""
     entries = []
-    raw = path.read_bytes()
-    for number, line in enumerate(raw.split(b"\n"), start=1):
+    lines = path.read_bytes().split(b"\n")
+    for number, line in enumerate(lines, start=1):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as err:
@@ -126,7 +126,7 @@ def read_entries(path: Path, problems: list[Problem]) -> list[Entry]:
             continue
         text = text.rstrip("\r")
         if not text.strip():
-            if number < raw.count(b"\n") + 1:  # the newline at the end of the file is fine
+            if number < len(lines):  # the newline at the end of the file is fine
                 problems.append(Problem(str(path), number, "empty line"))
             continue
         if text[0].isspace():
