@@ -158,9 +158,12 @@ class Generator(nn.Module):
     # ---- the three steps of synthesis --------------------------------------------------
 
     def predict_f0(self, mel: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """`(batch, n_mels, frames)` -> f0 in Hz `(batch, frames)` (HiFT only)."""
-        mask = None if lengths is None else _time_mask(lengths, mel.shape[-1])
-        return self.f0_predictor(mel, mask)
+        """`(batch, n_mels, frames)` -> f0 in Hz `(batch, frames)` (HiFT only), 0 beyond `lengths`
+        (a zero f0 adds no phase, so a padded item's phase ends as it would alone)."""
+        if lengths is None:
+            return self.f0_predictor(mel)
+        mask = _time_mask(lengths, mel.shape[-1])
+        return self.f0_predictor(mel, mask) * mask[:, 0]
 
     def make_source(self, f0: torch.Tensor, lengths: torch.Tensor | None = None, **draws) -> torch.Tensor:
         """f0 `(batch, frames)` -> excitation `(batch, 1, frames * hop)`, zero beyond each item.
@@ -170,7 +173,8 @@ class Generator(nn.Module):
 
     def decode(self, mel: torch.Tensor, source: torch.Tensor | None = None,
                lengths: torch.Tensor | None = None) -> torch.Tensor:
-        """mel `(batch, n_mels, frames)` [+ source `(batch, 1, frames * hop)`] -> `(batch, frames * hop)`."""
+        """mel `(batch, n_mels, frames)` [+ source `(batch, 1, frames * hop)`] -> `(batch, frames * hop)`,
+        zero beyond each item's `lengths * hop` samples."""
         spec = None
         if self.source is not None:
             spec = self.stft(source[:, 0], None if lengths is None else lengths * self.hop)
@@ -180,13 +184,15 @@ class Generator(nn.Module):
             x = stage(x, spec, masks[i], masks[i + 1])
         x = self.conv_post(masked(F.leaky_relu(x), masks[-1]))
         if self.stft is None:
-            return torch.tanh(x[:, 0])
-        bins = self.cfg.istft_n_fft // 2 + 1
-        magnitude = torch.exp(x[:, :bins]).clamp(max=100.0)
-        phase = torch.sin(x[:, bins:])   # sin keeps the raw output in a bounded range
-        spectrum = torch.cat([magnitude * torch.cos(phase), magnitude * torch.sin(phase)], dim=1)
-        frames = None if lengths is None else self.stft.frames(lengths * self.hop)
-        return self.stft.inverse(spectrum, frames).clamp(-0.99, 0.99)
+            wave = torch.tanh(x[:, 0])
+        else:
+            bins = self.cfg.istft_n_fft // 2 + 1
+            magnitude = torch.exp(x[:, :bins]).clamp(max=100.0)
+            phase = torch.sin(x[:, bins:])   # sin keeps the raw output in a bounded range
+            spectrum = torch.cat([magnitude * torch.cos(phase), magnitude * torch.sin(phase)], dim=1)
+            frames = None if lengths is None else self.stft.frames(lengths * self.hop)
+            wave = self.stft.inverse(spectrum, frames).clamp(-0.99, 0.99)
+        return wave if lengths is None else masked(wave, _time_mask(lengths * self.hop, wave.shape[-1])[:, 0])
 
     def forward(self, mel: torch.Tensor, lengths: torch.Tensor | None = None,
                 stochastic: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -246,6 +252,9 @@ def _check(cfg: GeneratorConfig, mel: MelConfig) -> None:
     where = "model.generator"
     if len(cfg.upsample_rates) != len(cfg.upsample_kernels):
         raise CosyError(f"{where}.upsample_kernels must have one kernel per upsample rate")
+    if any((k - r) % 2 or k < r for r, k in zip(cfg.upsample_rates, cfg.upsample_kernels)):
+        raise CosyError(f"{where}.upsample_kernels: each kernel must be >= its rate and differ from it by an "
+                        "even number (so that a stage gives exactly rate x frames)")
     if len(cfg.resblock_kernels) != len(cfg.resblock_dilations):
         raise CosyError(f"{where}.resblock_dilations must have one list per resblock kernel")
     total = _prod(cfg.upsample_rates) * (cfg.istft_hop if cfg.istft_n_fft > 0 else 1)

@@ -1,0 +1,257 @@
+"""Vocoder: batched and streaming synthesis, GAN training, data processors, f0, export, eval."""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from cosy import config
+from cosy.audio import MelConfig, mel_spectrogram
+from cosy.errors import CosyError
+from cosy.vocoder.discriminators import DiscriminatorConfig
+from cosy.vocoder.f0 import estimate_f0
+from cosy.vocoder.hifigan import Generator, GeneratorConfig
+from cosy.vocoder.hift import SourceConfig
+from cosy.vocoder.model import VocoderConfig, VocoderModel
+from cosy.vocoder.streaming import StreamingVocoder
+from cosy.vocoder.task import TASK
+
+ROOT = Path(__file__).resolve().parents[1]
+MEL_V1 = MelConfig.v1()
+MEL_V2 = MelConfig.v2()
+
+
+def tiny_hifigan(mel: MelConfig = MEL_V1) -> GeneratorConfig:
+    """A classic HiFi-GAN: rates multiply to 256 for v1 (8*8*4), 480 for v2 (8*5*4*3)."""
+    rates = [8, 8, 4] if mel.hop_length == 256 else [8, 5, 4, 3]
+    return GeneratorConfig(base_channels=32 if len(rates) == 3 else 64, upsample_rates=rates,
+                           upsample_kernels=[2 * r + r % 2 for r in rates], resblock_kernels=[3, 5],
+                           resblock_dilations=[[1, 3], [1, 3]])
+
+
+def tiny_hift(mel: MelConfig = MEL_V1) -> GeneratorConfig:
+    rates = [8, 8] if mel.hop_length == 256 else [8, 5, 3]
+    source = SourceConfig(phase="sample" if mel.hop_length == 256 else "frame", f0_channels=16, f0_layers=2,
+                          resblock_kernels=[7] * len(rates), resblock_dilations=[[1, 3]] * len(rates))
+    return GeneratorConfig(base_channels=32, upsample_rates=rates, upsample_kernels=[2 * r + r % 2 for r in rates],
+                           resblock_kernels=[3, 7], resblock_dilations=[[1, 3], [1, 3]], activation="snake",
+                           istft_n_fft=16, istft_hop=4, source=source)
+
+
+def make_generator(kind: str, mel: MelConfig) -> Generator:
+    torch.manual_seed(0)
+    gen = Generator(tiny_hift(mel) if kind == "hift" else tiny_hifigan(mel), mel).eval()
+    if gen.f0_predictor is not None:  # random weights give ~0 Hz: move f0 into a voiced range
+        with torch.no_grad():
+            gen.f0_predictor.proj.bias.fill_(150.0)
+    return gen
+
+
+CASES = [("hifigan", MEL_V1), ("hifigan", MEL_V2), ("hift", MEL_V1), ("hift", MEL_V2)]
+IDS = ["hifigan-22k", "hifigan-24k", "hift-22k", "hift-24k"]
+
+
+@pytest.mark.parametrize("kind,mel", CASES, ids=IDS)
+@torch.no_grad()
+def test_batched_equals_one_by_one(kind, mel):
+    gen = make_generator(kind, mel)
+    lengths = torch.tensor([23, 9, 16])
+    mels = torch.randn(3, mel.n_mels, 23)
+    batched, _ = gen(mels, lengths, stochastic=False)
+    assert batched.shape == (3, 23 * mel.hop_length)
+    for i, n in enumerate(lengths.tolist()):
+        alone, _ = gen(mels[i:i + 1, :, :n], stochastic=False)
+        assert alone.shape == (1, n * mel.hop_length)
+        # tolerance: float32 rounding of differently shaped convolutions
+        assert torch.allclose(batched[i, :n * mel.hop_length], alone[0], atol=1e-5)
+        assert float(batched[i, n * mel.hop_length:].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("kind,mel", [CASES[0], CASES[2], CASES[3]], ids=[IDS[0], IDS[2], IDS[3]])
+@torch.no_grad()
+def test_streaming_equals_offline_without_clicks(kind, mel):
+    gen = make_generator(kind, mel)
+    mels = torch.randn(2, mel.n_mels, 70)
+    offline, _ = gen(mels, stochastic=False)
+    stream = StreamingVocoder(gen, stochastic=False)
+    chunks, pieces, start = [7, 13, 5, 20, 11, 14], [], 0
+    for size in chunks:
+        pieces.append(stream.push(mels[..., start:start + size]))
+        start += size
+    pieces.append(stream.flush())
+    streamed = torch.cat(pieces, dim=-1)
+    assert streamed.shape == offline.shape
+    # with the default context/lookahead (the receptive field) every sample matches:
+    # tolerance 1e-4 absolute (float32 rounding of the window-wise computation)
+    assert float((streamed - offline).abs().max()) < 1e-4
+    # no clicks: the step across each join is no larger than the largest step of the
+    # offline audio within one frame of it, plus 1e-4
+    join = 0
+    hop = mel.hop_length
+    for piece in pieces[:-1]:
+        join += piece.shape[-1]
+        if 0 < join < offline.shape[-1]:
+            step = (streamed[:, join] - streamed[:, join - 1]).abs()
+            local = offline[:, join - hop:join + hop].diff(dim=-1).abs().amax(dim=-1)
+            assert bool((step <= local + 1e-4).all())
+
+
+@torch.no_grad()
+def test_streaming_with_short_context_is_close():
+    """Less lookahead trades exactness for latency; the error stays small."""
+    gen = make_generator("hift", MEL_V1)
+    mels = torch.randn(1, 80, 40)
+    offline, _ = gen(mels, stochastic=False)
+    stream = StreamingVocoder(gen, context=6, lookahead=6, stochastic=False)
+    streamed = torch.cat([stream.push(mels[..., i:i + 10]) for i in range(0, 40, 10)] + [stream.flush()], -1)
+    assert streamed.shape == offline.shape
+    assert float((streamed - offline).abs().max()) < 0.05
+
+
+def tiny_model_config(kind: str) -> VocoderConfig:
+    mel = MelConfig(sample_rate=8000, n_fft=256, hop_length=64, win_length=256, n_mels=20, fmax=4000.0)
+    if kind == "hift":
+        gen = GeneratorConfig(base_channels=32, upsample_rates=[4, 4], upsample_kernels=[8, 8],
+                              resblock_kernels=[3], resblock_dilations=[[1, 3]], activation="snake",
+                              istft_n_fft=16, istft_hop=4,
+                              source=SourceConfig(f0_channels=16, f0_layers=2, resblock_kernels=[3, 3],
+                                                  resblock_dilations=[[1], [1]]))
+    else:
+        gen = GeneratorConfig(base_channels=32, upsample_rates=[4, 4, 4], upsample_kernels=[8, 8, 8],
+                              resblock_kernels=[3], resblock_dilations=[[1, 3]])
+    disc = DiscriminatorConfig(periods=[2, 3], period_channels=[8, 16], resolutions=[[256, 64, 256], [128, 32, 128]],
+                               resolution_channels=8)
+    return VocoderConfig(mel=mel, generator=gen, discriminator=disc, segment_frames=16)
+
+
+def tone_batch(cfg: VocoderConfig, batch: int = 4) -> dict:
+    """Harmonic tones at random pitches with light noise, and their mel and f0."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(batch):
+        n = cfg.segment_frames * cfg.mel.hop_length
+        f = rng.uniform(120, 300)
+        t = np.arange(n) / cfg.mel.sample_rate
+        wave = 0.4 * np.sin(2 * np.pi * f * t) + 0.15 * np.sin(4 * np.pi * f * t) + 0.01 * rng.standard_normal(n)
+        rows.append(wave.astype(np.float32))
+    audio = torch.from_numpy(np.stack(rows))
+    f0 = [estimate_f0(r, cfg.mel.sample_rate, cfg.mel.hop_length, cfg.segment_frames) for r in rows]
+    return {"audio": audio, "mel": mel_spectrogram(audio, cfg.mel), "f0": torch.from_numpy(np.stack(f0))}
+
+
+@pytest.mark.parametrize("kind", ["hifigan", "hift"])
+def test_gan_training_lowers_mel_loss(kind):
+    """A few dozen GAN steps on tones, called directly (no trainer); prints the mel L1 curve."""
+    torch.manual_seed(0)
+    cfg = tiny_model_config(kind)
+    model = VocoderModel(cfg).train()
+    batch = tone_batch(cfg)
+    opt_g = torch.optim.Adam(model.generator.parameters(), 2e-3, betas=(0.8, 0.99))
+    opt_d = torch.optim.Adam(model.discriminator.parameters(), 2e-3, betas=(0.8, 0.99))
+    curve = []
+    for _ in range(30):
+        d = model(batch, turn="discriminator")
+        opt_d.zero_grad()
+        d["loss"].backward()
+        opt_d.step()
+        g = model(batch, turn="generator")
+        opt_g.zero_grad()
+        g["loss"].backward()
+        opt_g.step()
+        curve.append(float(g["mel"]))
+        assert torch.isfinite(d["loss"]) and torch.isfinite(g["loss"])
+    print(f"{kind} mel L1 every 5 steps:", [round(v, 3) for v in curve[::5]], "last", round(curve[-1], 3))
+    assert set(g) >= {"loss", "adversarial", "feature", "mel"} | ({"f0"} if kind == "hift" else set())
+    assert np.mean(curve[-5:]) < 0.8 * np.mean(curve[:3])
+
+
+def test_generator_turn_reuses_the_discriminator_turn_audio():
+    torch.manual_seed(0)
+    cfg = tiny_model_config("hifigan")
+    model = VocoderModel(cfg).train()
+    batch = tone_batch(cfg, 2)
+    calls = []
+    model.generator.register_forward_hook(lambda *_: calls.append(1))
+    model(batch, turn="discriminator")
+    model(batch, turn="generator")
+    assert len(calls) == 1
+    model(batch, turn="generator")  # no cached audio left: generates again
+    assert len(calls) == 2
+    with pytest.raises(CosyError, match="turn"):
+        model(batch, turn="both")
+
+
+def _wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format="WAV")
+    return buffer.getvalue()
+
+
+def test_task_processors_and_collate(caplog):
+    random.seed(0)
+    cfg = config.from_dict(VocoderConfig, config.load_yaml(ROOT / "recipes/mini/conf/vocoder_tiny.yaml")["model"])
+    rate, hop = cfg.mel.sample_rate, cfg.mel.hop_length
+    t = np.arange(rate) / rate
+    rows = [{"utt": "long", "audio": _wav_bytes(0.5 * np.sin(2 * np.pi * 200 * t), rate)},
+            {"utt": "short", "audio": _wav_bytes(0.5 * np.sin(2 * np.pi * 200 * t[:3000]), 16000)},
+            {"utt": "broken", "audio": b"RIFF not really a wav"}]
+    out = []
+    for row in rows:
+        for fn in TASK.processors(cfg, True):
+            row = fn(row)
+            if row is None:
+                break
+        if row is not None:
+            out.append(row)
+    assert [r["utt"] for r in out] == ["long", "short"]
+    assert "broken" in caplog.text
+    batch = TASK.collate(out)
+    frames = cfg.segment_frames
+    assert batch["audio"].shape == (2, frames * hop)
+    assert batch["mel"].shape == (2, 80, frames)
+    assert batch["f0"].shape == (2, frames)
+    voiced = batch["f0"][0][batch["f0"][0] > 0]
+    assert len(voiced) > frames // 2 and torch.allclose(voiced, torch.tensor(200.0), rtol=0.02)
+    assert TASK.num_frames(out[0]) == frames and TASK.gan
+
+
+def test_f0_estimator():
+    rate, hop = 22050, 256
+    t = np.arange(rate) / rate
+    f = 150 + 50 * t  # rising 150 -> 200 Hz
+    phase = 2 * np.pi * np.cumsum(f) / rate
+    wave = 0.5 * np.sin(phase) + 0.2 * np.sin(2 * phase)
+    f0 = estimate_f0(wave, rate, hop, 86)
+    truth = 150 + 50 * np.arange(86) * hop / rate
+    assert np.abs(f0[2:-2] - truth[2:-2]).max() < 2.0  # Hz, away from the signal edges
+    noise = np.random.default_rng(0).standard_normal(rate) * 0.1
+    assert (estimate_f0(noise, rate, hop, 86) == 0).mean() > 0.9
+    assert (estimate_f0(np.zeros(rate), rate, hop, 86) == 0).all()
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(CosyError, match="upsample_rates"):
+        Generator(GeneratorConfig(upsample_rates=[8, 8, 2], upsample_kernels=[16, 16, 4]), MEL_V1)
+    with pytest.raises(CosyError, match="upsample_kernels"):
+        Generator(GeneratorConfig(upsample_rates=[8, 8, 4], upsample_kernels=[16, 16, 7]), MEL_V1)
+    with pytest.raises(CosyError, match="istft_n_fft"):
+        Generator(GeneratorConfig(source=SourceConfig()), MEL_V1)
+    with pytest.raises(CosyError, match="center"):
+        Generator(GeneratorConfig(), MelConfig(center=True))
+
+
+@pytest.mark.parametrize("path", ["recipes/mini/conf/vocoder_tiny.yaml", "recipes/libritts/conf/hift_v1.yaml"])
+def test_recipe_configs_build(path):
+    data = config.load_yaml(ROOT / path)
+    assert data["task"] == "vocoder"
+    model = TASK.build(config.from_dict(TASK.config_cls, data["model"]))
+    assert isinstance(model.generator, Generator)
+    if "hift_v1" in path:  # the published size: 20.46 M generator parameters (reference key listing)
+        assert sum(p.numel() for p in model.generator.parameters()) == 20460591
