@@ -83,6 +83,9 @@ def test_clean_sentence_rules():
     assert clean_sentence(" ".join(["word"] * 31) + ".") is None
     assert clean_sentence("No final punctuation here at all") is None
     assert clean_sentence("Life is short -- Anonymous said it.") is None
+    assert clean_sentence("We MIGHT AS WELL break it.") is None
+    assert clean_sentence("Q: What is the time now?") is None
+    assert clean_sentence("I think a cat is near.") == "I think a cat is near."
 
 
 def test_trim_silence_keeps_padding():

@@ -93,6 +93,10 @@ def clean_sentence(sentence: str) -> str | None:
     sentence = re.sub(r"([!?.])[!?.]+", r"\1", sentence)
     if "--" in sentence or not re.fullmatch(r"[A-Za-z][A-Za-z ,.;:!?'-]*[.!?]", sentence):
         return None
+    # Capitalised words are acronyms or shouting, which engines spell out letter by letter,
+    # and "Q: ..." is a dialogue tag, not speech.
+    if re.search(r"\b[A-Z]{2,}\b|\b[A-Z]:", sentence):
+        return None
     return sentence if MIN_WORDS <= len(sentence.split()) <= MAX_WORDS else None
 
 
@@ -246,7 +250,8 @@ def _synthesise(speaker: Speaker, texts: list[str], paths: list[Path]) -> None:
     if speaker.engine == "festival":
         # One process for all lines: festival takes longer to start than to speak a sentence.
         script = [f"(voice_{speaker.voice})"]
-        script += [f'(utt.save.wave (SynthText "{t}") "{p}" \'riff)' for t, p in zip(texts, paths)]
+        quoted = [t.replace("\\", "\\\\").replace('"', '\\"') for t in texts]
+        script += [f'(utt.save.wave (SynthText "{t}") "{p}" \'riff)' for t, p in zip(quoted, paths)]
         scm = paths[0].with_name("lines.scm")
         scm.write_text("\n".join(script) + "\n")
         subprocess.run(["festival", "--batch", str(scm)], capture_output=True, check=False)
