@@ -48,12 +48,12 @@ class Decoder:
         emb = self.model.speech_embedding(tokens.clamp(min=0))[:, None]
         rows = torch.arange(len(tokens), device=tokens.device)
         if self.use_cache:
-            self.last = self.model.lm.forward_step(emb, self.cache, active.long())[:, 0]
-            return
-        self.buffer[rows[active], self.lengths[active]] = emb[active, 0]
-        self.lengths = self.lengths + active.long()
-        hidden = self.model.hidden(self.buffer[:, : int(self.lengths.max())], self.lengths)
-        self.last = hidden[rows, self.lengths - 1]
+            hidden = self.model.lm.forward_step(emb, self.cache, active.long())[:, 0]
+        else:
+            self.buffer[rows[active], self.lengths[active]] = emb[active, 0]
+            self.lengths = self.lengths + active.long()
+            hidden = self.model.hidden(self.buffer[:, : int(self.lengths.max())], self.lengths)[rows, self.lengths - 1]
+        self.last = torch.where(active[:, None], hidden, self.last)
 
 
 @torch.no_grad()
