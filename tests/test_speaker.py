@@ -153,7 +153,7 @@ def test_recipe_configs_map_onto_the_dataclass():
 
 def test_features_match_reference_campplus_input():
     io_ = load_file(str(ROOT / "tests/fixtures/reference/frontend.io.safetensors"))
-    ours = fbank_features(io_["in.wav_16000"][0].numpy())
+    ours = fbank_features(io_["in.wav_16000"][0].numpy(), 80)
     # log-energies computed in float32 by two FFT implementations
     assert (ours - io_["out.campplus_input"]).abs().max() < 1e-3
 
@@ -194,7 +194,7 @@ def test_aam_loss_decreases_on_three_synthetic_speakers():
     feats, labels = [], []
     for speaker in range(3):
         for _ in range(8):
-            feats.append(fbank_features(synthetic_voice(speaker, 0.8, rng)))
+            feats.append(fbank_features(synthetic_voice(speaker, 0.8, rng), 80))
             labels.append(speaker)
     batch = {"feats": torch.stack(feats), "labels": torch.tensor(labels)}
     cfg = tiny_config()
@@ -215,7 +215,8 @@ def test_aam_loss_decreases_on_three_synthetic_speakers():
 
 
 def test_task_rows_to_batch(speakers_file):
-    cfg = dataclasses.replace(tiny_config(), speakers=str(speakers_file), segment_seconds=0.5)
+    # 40 mel bins: the front-end follows the network's feat_dim
+    cfg = dataclasses.replace(tiny_config(feat_dim=40), speakers=str(speakers_file), segment_seconds=0.5)
     rng = np.random.default_rng(1)
     rows = [{"utt": "u1", "spk": "spk2", "audio": wav_bytes(synthetic_voice(2, 0.3, rng))},
             {"utt": "u2", "spk": "spk0", "audio": wav_bytes(synthetic_voice(0, 1.2, rng))}]
@@ -227,7 +228,7 @@ def test_task_rows_to_batch(speakers_file):
     frames = 1 + (int(0.5 * RATE) - 400) // 160  # 25 ms windows every 10 ms, complete frames only
     assert [TASK.num_frames(r) for r in processed] == [frames, frames]  # short audio is looped
     batch = TASK.collate(processed)
-    assert batch["feats"].shape == (2, frames, 80) and batch["labels"].tolist() == [2, 0]
+    assert batch["feats"].shape == (2, frames, 40) and batch["labels"].tolist() == [2, 0]
     out = TASK.build(cfg)(batch)
     assert set(out) == {"loss", "acc"} and out["loss"].ndim == 0 and torch.isfinite(out["loss"])
 
@@ -292,8 +293,9 @@ def test_extract_reports_bad_arguments(tmp_path, capsys):
     assert cli_main(["extract", "embeddings", "--data", str(data), "--speaker", str(tmp_path / "nope.onnx")]) == 1
     assert "nope.onnx" in capsys.readouterr().err
     (tmp_path / "exp").mkdir()
-    (tmp_path / "exp" / "m.safetensors").write_bytes(b"junk")
-    assert cli_main(["extract", "embeddings", "--data", str(data), "--speaker", str(tmp_path / "exp/m.safetensors")]) == 1
+    junk = tmp_path / "exp" / "m.safetensors"
+    junk.write_bytes(b"junk")
+    assert cli_main(["extract", "embeddings", "--data", str(data), "--speaker", str(junk)]) == 1
     assert "config.yaml" in capsys.readouterr().err
 
 

@@ -62,6 +62,7 @@ class TorchEncoder:
     def __init__(self, encoder: SpeakerEncoder, device: str = "cpu"):
         self.encoder = encoder.to(device).eval()
         self.device = device
+        self.feat_dim = encoder.cfg.feat_dim
         self.embedding_dim = encoder.cfg.embedding_dim
 
     @torch.inference_mode()
@@ -80,7 +81,12 @@ class OnnxEncoder:
         except Exception as err:  # onnxruntime raises its own exception types for bad files
             raise CosyError(f"cannot load ONNX speaker model {path}: {err}") from err
         # Released files name their input differently; the contract is positional.
-        self.input_name = self.session.get_inputs()[0].name
+        feats = self.session.get_inputs()[0]
+        if len(feats.shape) != 3 or not isinstance(feats.shape[-1], int):
+            raise CosyError(f"ONNX speaker model {path}: input 0 must be [1, frames, n_mels] with fixed n_mels, "
+                            f"got {feats.shape}")
+        self.input_name = feats.name
+        self.feat_dim = feats.shape[-1]
         self.embedding_dim = self.session.get_outputs()[0].shape[-1]
 
     def __call__(self, feats: torch.Tensor) -> np.ndarray:
@@ -100,8 +106,9 @@ def load_speaker_encoder(path: str | Path, device: str = "cpu") -> TorchEncoder 
 class _UtteranceFeatures(Dataset):
     """(utt, path) pairs -> (utt, features or None, error message); decoding runs in workers."""
 
-    def __init__(self, items: list[tuple[str, str]]):
+    def __init__(self, items: list[tuple[str, str]], n_mels: int):
         self.items = items
+        self.n_mels = n_mels
 
     def __len__(self) -> int:
         return len(self.items)
@@ -109,14 +116,15 @@ class _UtteranceFeatures(Dataset):
     def __getitem__(self, i: int):
         utt, path = self.items[i]
         try:
-            return utt, file_features(path), ""
+            return utt, file_features(path, self.n_mels), ""
         except CosyError as err:
             return utt, None, str(err)
 
 
 def embed_utterances(wav: dict[str, str], encoder, num_workers: int = 0) -> dict[str, np.ndarray]:
     """utt -> embedding for every readable file of `wav` (utt -> path); bad files are logged and skipped."""
-    loader = DataLoader(_UtteranceFeatures(sorted(wav.items())), batch_size=None, num_workers=num_workers)
+    dataset = _UtteranceFeatures(sorted(wav.items()), encoder.feat_dim)
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers)
     out: dict[str, np.ndarray] = {}
     for utt, feats, error in tqdm(loader, desc="speaker embeddings", unit="utt", disable=None):
         if feats is None:
@@ -145,7 +153,7 @@ def save_embeddings(path: Path, table: dict[str, np.ndarray]) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="Kaldi data dir (wav.scp, utt2spk, ...)")
     parser.add_argument("--speaker", required=True,
-                        help="speaker model: a cosy checkpoint (.safetensors with config.yaml beside it) or an .onnx file")
+                        help="a cosy checkpoint (.safetensors with config.yaml beside it) or an .onnx file")
     parser.add_argument("--num-workers", type=int, default=0, help="processes decoding audio (default 0)")
     parser.add_argument("--device", default="cpu", help="torch device for a checkpoint (default cpu)")
 

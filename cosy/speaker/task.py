@@ -53,6 +53,7 @@ def build(cfg: SpeakerConfig) -> SpeakerModel:
 def processors(cfg: SpeakerConfig, train: bool):
     speakers = read_speakers(cfg.speakers)
     length = round(cfg.segment_seconds * SAMPLE_RATE)
+    n_mels = cfg.encoder.feat_dim
     unknown: set[str] = set()
 
     def label(row: Row) -> Row | None:
@@ -65,7 +66,8 @@ def processors(cfg: SpeakerConfig, train: bool):
 
     def features(row: Row) -> Row:
         samples, _ = load_audio(row["audio"], SAMPLE_RATE)
-        return {"utt": row["utt"], "label": row["label"], "feats": fbank_features(crop(samples, length, train))}
+        feats = fbank_features(crop(samples, length, train), n_mels)
+        return {"utt": row["utt"], "label": row["label"], "feats": feats}
 
     return [label, features]
 
