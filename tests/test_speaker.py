@@ -173,6 +173,10 @@ def test_aam_margin_penalises_only_the_target():
     torch.testing.assert_close(out["loss"], expected, atol=1e-5, rtol=0)
     assert out["acc"] == (cosine.argmax(1) == labels).float().mean()
     assert margin(emb, labels)["loss"] > out["loss"] + 0.1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = plain(emb, labels)["loss"]
+    assert low.dtype == torch.float32
+    torch.testing.assert_close(low, expected, atol=1e-5, rtol=0)
 
 
 def test_margin_warmup_grows_with_training_steps():

@@ -47,7 +47,10 @@ class AAMSoftmax(nn.Module):
         margin = self.current_margin()
         if self.training:
             self.step += 1
-        cosine = F.linear(F.normalize(embeddings), F.normalize(self.weight)).clamp(-1.0, 1.0)
+        # In float32 even under autocast: bf16 resolves cosines near 1 only to about 0.004,
+        # as coarse as the effect of the margin being learnt.
+        with torch.autocast(embeddings.device.type, enabled=False):
+            cosine = F.linear(F.normalize(embeddings.float()), F.normalize(self.weight.float())).clamp(-1.0, 1.0)
         sine = (1.0 - cosine.square()).clamp_min(0.0).sqrt()
         with_margin = cosine * math.cos(margin) - sine * math.sin(margin)
         # Past theta = pi - margin, cos(theta + margin) would rise again; continue the
