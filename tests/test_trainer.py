@@ -102,15 +102,16 @@ def test_killed_and_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupte
     assert "resumed from" in (killed / "train.log").read_text()
 
 
-def test_two_ddp_ranks_with_batch_b_match_one_process_with_batch_2b(tmp_path):
+@pytest.mark.parametrize("task", ["toy_task:TASK", "toy_task:GAN_TASK"])
+def test_two_ddp_ranks_with_batch_b_match_one_process_with_batch_2b(tmp_path, task):
     # one shard and no shuffling: rank r reads rows r, r+2, ..., so the two ranks'
     # batches of 3 together are exactly the single process's batch of 6
     train = write_shards(tmp_path / "train", make_rows(36), 36)
     cv = write_shards(tmp_path / "cv", make_rows(8, seed=1, prefix="cv"), 8)
     data = {"shuffle": False, "sort": False, "batch_type": "static"}
     training = {"max_steps": 4, "log_every": 1, "optim": {"name": "adamw", "weight_decay": 0.01}}
-    single = write_config(tmp_path / "single.yaml", {**training}, {**data, "batch_size": 6}, {"dropout": 0.0})
-    ranks = write_config(tmp_path / "ranks.yaml", {**training}, {**data, "batch_size": 3}, {"dropout": 0.0})
+    single = write_config(tmp_path / "single.yaml", training, {**data, "batch_size": 6}, {"dropout": 0.0}, task)
+    ranks = write_config(tmp_path / "ranks.yaml", training, {**data, "batch_size": 3}, {"dropout": 0.0}, task)
     assert cli.main(train_args(single, train, cv, tmp_path / "single")) == 0
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "cosy.cli", *train_args(ranks, train, cv, tmp_path / "ddp")],

@@ -66,11 +66,12 @@ class BatchInfo:
 
 
 def read_shard_list(path: str | Path) -> list[str]:
-    """Shard paths listed one per line in `path`; checks that each exists."""
+    """Shard paths listed one per line in `path` (relative ones relative to its folder);
+    checks that each exists."""
     path = Path(path)
     if not path.is_file():
         raise CosyError(f"shard list not found: {path}")
-    shards = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    shards = [str(path.parent / line.strip()) for line in path.read_text().splitlines() if line.strip()]
     if not shards:
         raise CosyError(f"shard list {path} is empty")
     for number, shard in enumerate(shards, 1):

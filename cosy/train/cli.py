@@ -16,9 +16,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
     from cosy.train.trainer import Trainer, load_experiment
 
     config, task = load_experiment(args.config, args.overrides)
-    trainer = Trainer(config, task, args.train_data, args.cv_data, args.out, resume=args.resume)
-    trainer.fit()
+    try:
+        Trainer(config, task, args.train_data, args.cv_data, args.out, resume=args.resume).fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
