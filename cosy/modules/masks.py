@@ -39,7 +39,7 @@ def positions_chunk_mask(query_pos: Tensor, key_pos: Tensor, chunk_size: int,
     keys = key_pos.view(*([1] * query_pos.dim()), -1)
     mask = keys < ((chunk + 1) * chunk_size).unsqueeze(-1)
     if num_left_chunks >= 0:
-        mask &= keys >= ((chunk - num_left_chunks).clamp(min=0) * chunk_size).unsqueeze(-1)
+        mask = mask & (keys >= ((chunk - num_left_chunks).clamp(min=0) * chunk_size).unsqueeze(-1))
     return mask
 
 
