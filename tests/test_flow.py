@@ -192,9 +192,10 @@ def test_matching_checkpoint_loads(tmp_path):
 
 
 # --------------------------------------------------------------------------- ONNX
-def test_onnx_estimator_matches_torch(tmp_path):
+@pytest.mark.parametrize("causal", [False, True])
+def test_onnx_estimator_matches_torch(tmp_path, causal):
     """onnxruntime on new lengths and batch rows agrees with torch within 1e-4."""
-    model = FlowModel(tiny()).eval()
+    model = FlowModel(tiny(causal=causal)).eval()
     export_estimator(model, tmp_path / "est.onnx")
     assert onnx_max_diff(model, tmp_path / "est.onnx", frames=37) < 1e-4
 

@@ -160,7 +160,8 @@ class TransformerBlock(nn.Module):
         else:
             kv = cache.setdefault(self, RecentKV(self.window))
             # plain (position-free) attention: positions only satisfy the cache contract
-            h = self.attn(h, None, positions=torch.zeros(1, x.shape[1], dtype=torch.long), cache=kv)
+            h = self.attn(h, None, positions=torch.zeros(1, x.shape[1], dtype=torch.long, device=x.device),
+                          cache=kv)
         x = x + h
         return x + self.ff(self.norm2(x))
 

@@ -240,6 +240,7 @@ class FlowStream:
         self.spk = model.speaker(embedding)
         self.noise, self.generator = noise, generator
         device = embedding.device
+        self.max_tokens = max_tokens
         self.encoder_cache = model.encoder.new_cache(1, max_tokens, device)
         self.conv_cache: Cache = {}
         self.step_caches: list[Cache] = [{} for _ in range(cfg.cfm.steps)]
@@ -249,6 +250,9 @@ class FlowStream:
     def push(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (1, n) -> mel (1, n_mels, frames) of every chunk now complete."""
         self.tokens = torch.cat([self.tokens, tokens[0].long().to(self.tokens.device)])
+        if len(self.tokens) > self.max_tokens:
+            raise CosyError(f"stream holds {len(self.tokens)} tokens (prompt included), more than its "
+                            f"max_tokens = {self.max_tokens}")
         out = []
         while len(self.tokens) - self.done >= self.cfg.chunk_tokens + self.cfg.lookahead:
             out.append(self._chunk(self.cfg.chunk_tokens))

@@ -1,0 +1,103 @@
+"""Flow decoder speed on CPU: real-time factor of 10-step inference, and streaming.
+
+    python tools/bench_flow.py [--threads 2] [--repeats 3] [--skip-v1] [--skip-stream]
+
+Offline: 200 target tokens + a 50-token prompt with an 86-frame prompt mel (the
+reference's v1 measurement: 344 output frames), random weights, for the tiny and the
+v1-size config. RTF = wall time / duration of the generated mel.
+Streaming: a causal v2-like config (25 tokens/s, 2 frames per token, chunks of 25
+tokens, 3 look-ahead tokens, estimator channels [256], 12 mid blocks, 2 chunks of left
+context), 300 tokens pushed 25 at a time; prints the time of every chunk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from cosy import config as cfgio
+from cosy.audio import MelConfig
+from cosy.flow.estimator import EstimatorConfig
+from cosy.flow.model import FlowConfig, FlowModel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(path: str) -> FlowConfig:
+    return cfgio.from_dict(FlowConfig, cfgio.load_yaml(ROOT / path)["model"], "model")
+
+
+def offline(name: str, cfg: FlowConfig, repeats: int) -> None:
+    torch.manual_seed(0)
+    model = FlowModel(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (1, 200))
+    prompt = torch.randint(0, cfg.vocab_size, (1, 50))
+    prompt_feat = torch.randn(1, cfg.n_mels, 86)
+    emb = torch.randn(1, cfg.spk_dim)
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        mel = model.inference(tokens, prompt, prompt_feat, emb, generator=torch.Generator().manual_seed(i))
+        if i:  # the first run warms up
+            times.append(time.perf_counter() - start)
+    seconds = mel.shape[2] / cfg.frames_per_second
+    median = statistics.median(times)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"{name:<8} {params:7.1f} M params  {mel.shape[2]} frames ({seconds:.2f} s)  "
+          f"median {median:.3f} s (min {min(times):.3f}, max {max(times):.3f})  RTF {median / seconds:.3f}")
+
+
+def streaming(v1: FlowConfig) -> None:
+    cfg = dataclasses.replace(
+        v1, token_rate=25.0, vocab_size=6561,
+        mel=MelConfig.v2(),
+        estimator=dataclasses.replace(v1.estimator, channels=[256]),
+        causal=True, chunk_tokens=25, lookahead=3, left_chunks=2)
+    torch.manual_seed(0)
+    model = FlowModel(cfg).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, 50))
+    stream = model.stream(prompt, torch.randn(1, cfg.n_mels, 100), torch.randn(1, cfg.spk_dim))
+    tokens = torch.randint(0, cfg.vocab_size, (1, 300))
+    chunk_times = []
+    for start in range(0, 300, 25):
+        t0 = time.perf_counter()
+        n_before = stream.done
+        stream.push(tokens[:, start:start + 25])
+        elapsed = time.perf_counter() - t0
+        chunks = (stream.done - n_before) // cfg.chunk_tokens
+        chunk_times += [elapsed / chunks] * chunks if chunks else []
+    t0 = time.perf_counter()
+    stream.finish()
+    final = time.perf_counter() - t0
+    print(f"streaming (causal, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, "
+          f"chunk {cfg.chunk_tokens} tokens = {cfg.chunk_tokens * cfg.ratio} frames = "
+          f"{cfg.chunk_tokens / cfg.token_rate:.1f} s; chunks 1-2 hold the prompt)")
+    for i, t in enumerate(chunk_times, start=1):
+        print(f"  chunk {i:2d}: {t:.3f} s")
+    print(f"  final flush: {final:.3f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-v1", action="store_true")
+    parser.add_argument("--skip-stream", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads")
+    offline("tiny", load("recipes/mini/conf/flow_tiny.yaml"), args.repeats)
+    v1 = load("recipes/libritts/conf/flow_v1.yaml")
+    if not args.skip_v1:
+        offline("v1", v1, args.repeats)
+    if not args.skip_stream:
+        streaming(v1)
+
+
+if __name__ == "__main__":
+    main()
