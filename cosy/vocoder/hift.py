@@ -83,7 +83,7 @@ class SineSource(nn.Module):
         """Phase advance in cycles of each frame `(batch, frames, harmonics + 1)`, float64."""
         per_sample = f0[..., None] * self.multiples / self.sample_rate
         if self.cfg.phase == "frame":
-            per_sample = torch.frac(per_sample)
+            per_sample = per_sample % 1.0
         return per_sample.double() * self.hop
 
     def forward(self, f0: torch.Tensor, uniform: torch.Tensor | None = None,
@@ -132,9 +132,22 @@ class SineSource(nn.Module):
             at_frames = torch.cumsum(self.cycles_per_frame(f0), dim=1)
             if offset is not None:
                 at_frames = at_frames + offset[:, None, :].double()
-            cycles = F.interpolate(at_frames.transpose(1, 2), scale_factor=float(self.hop), mode="linear",
-                                   align_corners=False).transpose(1, 2)
-        return (2 * math.pi) * torch.frac(cycles).float()
+            cycles = _frames_to_samples(at_frames, self.hop)
+        return (2 * math.pi) * (cycles % 1.0).float()
+
+
+def _frames_to_samples(values: torch.Tensor, hop: int) -> torch.Tensor:
+    """Linear interpolation `(batch, frames, c)` -> `(batch, frames * hop, c)` between frame
+    centres (half-pixel convention; samples beyond the first/last centre take its value).
+    Written out rather than `F.interpolate` because ONNX Runtime has no float64 Resize."""
+    edges = torch.cat([values[:, :1], values, values[:, -1:]], dim=1)
+    position = (torch.arange(hop, dtype=values.dtype, device=values.device) + 0.5) / hop
+    first_half = (position < 0.5)[None, None, :, None]
+    low = torch.where(first_half, edges[:, :-2, None], edges[:, 1:-1, None])
+    high = torch.where(first_half, edges[:, 1:-1, None], edges[:, 2:, None])
+    weight = torch.where(first_half, position[None, None, :, None] + 0.5, position[None, None, :, None] - 0.5)
+    out = low + (high - low) * weight
+    return out.reshape(values.shape[0], -1, values.shape[-1])
 
 
 class STFT(nn.Module):
