@@ -1,0 +1,364 @@
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import transformers
+import yaml
+from safetensors.numpy import load_file
+
+from cosy.audio import WhisperMelConfig, save_audio, whisper_log_mel
+from cosy.cli import main as cli_main
+from cosy.config import from_dict
+from cosy.data.kaldi import DataDir
+from cosy.errors import CosyError
+from cosy.text.bpe import TextTokenizer
+from cosy.tokenizer.asr_head import greedy_ctc
+from cosy.tokenizer.extract import OnnxBackend, TorchBackend, extract, load_checkpoint, merge_parts, save_tokens
+from cosy.tokenizer.model import TokenizerConfig, TokenizerModel
+from cosy.tokenizer.onnx import export_onnx
+from cosy.tokenizer.task import TASK
+from cosy.train.checkpoint import save_weights
+
+SR = 16000
+
+
+def tiny_model_dict(vocab_size=300, input_layer="conv2d2", quantizer=None, **extra):
+    enc = {"d_model": 32, "n_heads": 2, "ffn_dim": 64, "dropout": 0.0, "positional_dropout": 0.0, "pos_enc": "rotary"}
+    return {
+        "vocab_size": vocab_size,
+        "encoder1": {**enc, "input_size": 128, "n_layers": 2, "input_layer": input_layer},
+        "encoder2": {**enc, "input_size": 32, "n_layers": 1, "input_layer": "none"},
+        "decoder": {"d_model": 32, "n_heads": 2, "ffn_dim": 64, "n_layers": 1, "dropout": 0.0},
+        "quantizer": quantizer or {"kind": "fsq", "levels": [3, 3, 3, 3]},
+        **extra,
+    }
+
+
+def tiny_model(**kw) -> TokenizerModel:
+    torch.manual_seed(0)
+    return TokenizerModel(from_dict(TokenizerConfig, tiny_model_dict(**kw), "model")).eval()
+
+
+def random_feats(lengths, seed=0):
+    """Padded log-mel-like features (batch, 128, max) with zeros past each length."""
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(len(lengths), 128, max(lengths), generator=g)
+    for row, n in enumerate(lengths):
+        feats[row, :, n:] = 0
+    return feats, torch.tensor(lengths)
+
+
+def tone(seconds, freq, seed, rate=SR):
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * freq * t) + 0.02 * rng.standard_normal(len(t))).astype(np.float32)
+
+
+def make_data_dir(root: Path, durations=(0.5, 1.3, 0.8, 2.1, 0.3, 1.0), speakers=2) -> DataDir:
+    """Tone 'utterances'; speaker k's tones sit near 200 * (k + 1) Hz."""
+    wav, text, utt2spk = {}, {}, {}
+    for i, seconds in enumerate(durations):
+        spk = f"spk{i % speakers}"
+        utt = f"{spk}_utt{i:02d}"
+        path = root / "wavs" / f"{utt}.wav"
+        save_audio(path, tone(seconds, 200 * (i % speakers + 1) + 10 * i, i), SR)
+        wav[utt], text[utt], utt2spk[utt] = str(path), f"hello world number {i}", spk
+    data = DataDir(wav, text, utt2spk)
+    data.save(root)
+    return data
+
+
+def save_checkpoint(model: TokenizerModel, expdir: Path, model_dict: dict) -> Path:
+    expdir.mkdir(parents=True, exist_ok=True)
+    (expdir / "config.yaml").write_text(yaml.safe_dump({"task": "tokenizer", "model": model_dict}))
+    save_weights(expdir / "step_1.safetensors", model.state_dict())
+    return expdir / "step_1.safetensors"
+
+
+@pytest.fixture(scope="module")
+def bpe_path(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bpe")
+    (root / "corpus.txt").write_text("hello world number one two three\n" * 20)
+    tokenizer = TextTokenizer.train([root / "corpus.txt"], vocab_size=300)
+    tokenizer.save(root / "tokenizer.json")
+    return str(root / "tokenizer.json"), tokenizer.vocab_size
+
+
+# ---------------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("quantizer", [{"kind": "fsq", "levels": [3, 3, 3, 3]},
+                                       {"kind": "vq", "codebook_size": 16}, {"kind": "none"}])
+def test_forward_returns_joint_loss_and_gradients_reach_encoder1(quantizer):
+    model = tiny_model(quantizer=quantizer).train()
+    feats, lengths = random_feats([90, 61])
+    batch = {"feats": feats, "feats_lengths": lengths,
+             "text_ids": torch.tensor([[5, 6, 7, 8], [9, 10, -1, -1]]), "text_lengths": torch.tensor([4, 2])}
+    out = model(batch)
+    expected = 0.3 * out["ctc"] + 0.7 * out["att"] + out.get("commit", 0.0)
+    torch.testing.assert_close(out["loss"], expected, rtol=1e-6, atol=1e-6)
+    assert ("commit" in out) == (quantizer["kind"] == "vq")
+    out["loss"].backward()
+    grad = model.encoder1.input_layer.convs[0].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("input_layer,factor", [("conv2d2", 2), ("conv2d4", 4)])
+def test_token_rate_and_padded_batch_equals_one_by_one(input_layer, factor):
+    model = tiny_model(input_layer=input_layer, quantizer={"kind": "vq", "codebook_size": 64})
+    assert model.token_rate == 100 / factor
+    lengths = [97, 40, 13]
+    feats, lens = random_feats(lengths)
+    tokens, counts = model.tokenize(feats, lens)
+    assert tokens.shape == (3, math.ceil(97 / factor))
+    assert counts.tolist() == [math.ceil(n / factor) for n in lengths]
+    for row, n in enumerate(lengths):
+        alone, _ = model.tokenize(feats[row:row + 1, :, :n], lens[row:row + 1])
+        assert alone[0].equal(tokens[row, :counts[row]])
+
+
+def test_attention_decoder_loss_does_not_depend_on_batch_padding():
+    model = tiny_model()
+    feats, lengths = random_feats([80, 50])
+    targets, target_lengths = torch.tensor([[5, 6, 7], [9, 10, -1]]), torch.tensor([3, 2])
+    x, n = model.encode(feats, lengths)
+    x, n = model.encoder2(model.quantizer(x)[0], n)
+    both, _ = model.decoder(x, n, targets, target_lengths)
+    one, _ = model.decoder(x[1:, :n[1]], n[1:], targets[1:, :2], target_lengths[1:])
+    zero, _ = model.decoder(x[:1], n[:1], targets[:1], target_lengths[:1])
+    # the batch loss is the token-weighted mean of the per-row losses (3 + 1 and 2 + 1 targets)
+    torch.testing.assert_close(both, (4 * zero + 3 * one) / 7, rtol=1e-5, atol=1e-5)
+
+
+def test_tiny_model_learns_to_transcribe_one_utterance():
+    """Three 0.4 s stretches of distinct spectra should come out as three BPE ids, in order."""
+    model = tiny_model(quantizer={"kind": "none"}).train()
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.randn(3, 128, 1, generator=g)
+    feats = torch.cat([p.expand(-1, 40) for p in patterns], -1)[None] + 0.1 * torch.randn(1, 128, 120, generator=g)
+    lengths = torch.tensor([120])
+    batch = {"feats": feats, "feats_lengths": lengths, "text_ids": torch.tensor([[11, 12, 13]]),
+             "text_lengths": torch.tensor([3])}
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(120):
+        loss = model(batch)["loss"]
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert losses[-1] < 0.2 * losses[0]
+    assert model.eval().transcribe(feats, lengths) == [[11, 12, 13]]
+
+
+def test_greedy_ctc_merges_repeats_and_drops_blanks():
+    blank = 3
+    best = torch.tensor([[0, 0, 3, 0, 1, 1, 3, 3, 2, 2]])
+    logits = torch.nn.functional.one_hot(best, 4).float()
+    assert greedy_ctc(logits, torch.tensor([10]), blank) == [[0, 0, 1, 2]]
+    assert greedy_ctc(logits, torch.tensor([5]), blank) == [[0, 0, 1]]
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(CosyError, match="model.encoder1.input_layer"):
+        TokenizerModel(from_dict(TokenizerConfig, tiny_model_dict(input_layer="linear"), "model"))
+    bad = tiny_model_dict()
+    bad["encoder2"]["input_size"] = 16
+    with pytest.raises(CosyError, match="model.encoder2.input_size"):
+        TokenizerModel(from_dict(TokenizerConfig, bad, "model"))
+    with pytest.raises(CosyError, match="model.quantizer.kind"):
+        from_dict(TokenizerConfig, tiny_model_dict(quantizer={"kind": "rvq"}), "model")
+    model = tiny_model(max_seconds=0.5)
+    with pytest.raises(CosyError, match="max_seconds"):
+        model.tokenize(*random_feats([51]))
+
+
+# ------------------------------------------------------------------------------ whisper
+
+
+def tiny_whisper(tmp_path):
+    cfg = transformers.WhisperConfig(
+        num_mel_bins=128, d_model=32, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=64,
+        decoder_layers=1, decoder_attention_heads=4, decoder_ffn_dim=64, max_source_positions=40,
+        max_target_positions=16, vocab_size=100, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=1)
+    torch.manual_seed(0)
+    whisper = transformers.WhisperModel(cfg).eval()
+    whisper.save_pretrained(tmp_path / "whisper")
+    return whisper, str(tmp_path / "whisper")
+
+
+def test_whisper_initialised_encoder_matches_whisper(tmp_path):
+    whisper, path = tiny_whisper(tmp_path)
+    model_dict = tiny_model_dict(whisper_path=path)
+    model = TokenizerModel(from_dict(TokenizerConfig, model_dict, "model")).eval()
+    assert model.token_rate == 50
+    feats = torch.randn(2, 128, 80)  # Whisper itself only accepts exactly 2 * max_source_positions frames
+    with torch.no_grad():
+        expected = whisper.encoder(feats).last_hidden_state
+        got, lengths = model.encode(feats, torch.tensor([80, 80]))
+    assert lengths.tolist() == [40, 40]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # shorter inputs and padded batches work too, and agree with one-by-one
+    feats, lengths = random_feats([80, 33])
+    tokens, counts = model.tokenize(feats, lengths)
+    alone, _ = model.tokenize(feats[1:, :, :33], lengths[1:])
+    assert alone[0].equal(tokens[1, :counts[1]])
+    # a checkpoint of the whisper-initialised model loads back identically
+    ckpt = save_checkpoint(model, tmp_path / "exp", model_dict)
+    again = load_checkpoint(ckpt)
+    assert again.tokenize(feats, lengths)[0].equal(tokens)
+
+
+def test_whisper_layer_count_is_checked(tmp_path):
+    _, path = tiny_whisper(tmp_path)
+    with pytest.raises(CosyError, match="whisper_layers"):
+        TokenizerModel(from_dict(TokenizerConfig, tiny_model_dict(whisper_path=path, whisper_layers=5), "model"))
+    with pytest.raises(CosyError, match="config.json"):
+        TokenizerModel(from_dict(TokenizerConfig, tiny_model_dict(whisper_path=str(tmp_path)), "model"))
+
+
+# ------------------------------------------------------------------- extract and export
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny VQ tokenizer checkpoint (random weights, a few EMA updates) and its ONNX export."""
+    root = tmp_path_factory.mktemp("ckpt")
+    model_dict = tiny_model_dict(quantizer={"kind": "vq", "codebook_size": 64, "dead_after": 1}, max_seconds=1.0)
+    model = tiny_model(quantizer=model_dict["quantizer"], max_seconds=1.0).train()
+    feats, lengths = random_feats([100, 100, 100])
+    with torch.no_grad():
+        for _ in range(3):  # dead-code re-initialisation spreads the codebook over real encoder outputs
+            model.quantizer(model.encode(feats, lengths)[0])
+    ckpt = save_checkpoint(model.eval(), root / "exp", model_dict)
+    onnx_path = export_onnx(load_checkpoint(ckpt), root / "tokenizer.onnx")
+    return ckpt, onnx_path
+
+
+def test_onnx_tokens_equal_pytorch_tokens(trained, tmp_path):
+    ckpt, onnx_path = trained
+    model = load_checkpoint(ckpt)
+    session = OnnxBackend(onnx_path)
+    assert [i.name for i in session.session.get_inputs()] == ["feats", "feats_length"]
+    assert session.session.get_outputs()[0].name == "indices"
+    assert session.rate_factor == 2
+    data = make_data_dir(tmp_path, durations=(0.9, 0.4, 0.75))
+    mel = WhisperMelConfig()
+    waves = [torch.from_numpy(sf.read(data.wav[u], dtype="float32")[0]) for u in data.utts]
+    lengths = torch.tensor([len(w) for w in waves])
+    wave = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+    feats = whisper_log_mel(wave, mel, lengths)
+    frames = lengths // mel.hop_length
+    expected, counts = model.tokenize(feats, frames)
+    got = session.tokenize(feats, frames)
+    assert got.shape == (3, math.ceil(feats.shape[-1] / 2))
+    for row in range(3):
+        np.testing.assert_array_equal(got[row, :counts[row]], expected[row, :counts[row]].numpy())
+
+
+def test_extract_batched_equals_one_by_one_and_skips_bad_audio(trained, tmp_path, caplog):
+    ckpt, onnx_path = trained
+    # 2.1 s exceeds this model's max_seconds of 1.0: it is tokenized in windows
+    data = make_data_dir(tmp_path, durations=(0.5, 1.3, 0.8, 2.1, 0.3, 1.0))
+    (tmp_path / "wavs" / "bad.wav").write_bytes(b"RIFF this is not audio")
+    save_audio(tmp_path / "wavs" / "empty.wav", np.zeros(0, dtype=np.float32), SR)
+    data.wav.update({"spk0_bad": str(tmp_path / "wavs" / "bad.wav"), "spk1_empty": str(tmp_path / "wavs" / "empty.wav")})
+    data.text.update({"spk0_bad": "x", "spk1_empty": "y"})
+    data.utt2spk.update({"spk0_bad": "spk0", "spk1_empty": "spk1"})
+    data.save(tmp_path)
+
+    backend = TorchBackend(load_checkpoint(ckpt))
+    with caplog.at_level(logging.WARNING):
+        batched, skipped = extract(tmp_path, backend, batch_size=4)
+    assert sorted(u for u, _ in skipped) == ["spk0_bad", "spk1_empty"]
+    assert "spk0_bad" in caplog.text and "spk1_empty" in caplog.text
+    single, _ = extract(tmp_path, backend, batch_size=1)
+    onnx_tokens, _ = extract(tmp_path, OnnxBackend(onnx_path), batch_size=3)
+    assert sorted(batched) == sorted(single) == sorted(onnx_tokens) == [u for u in DataDir.load(tmp_path).utts
+                                                                        if u not in ("spk0_bad", "spk1_empty")]
+    for utt in batched:
+        frames = sf.info(data.wav[utt]).frames // 160
+        assert batched[utt].dtype == np.int32 and len(batched[utt]) == math.ceil(frames / 2)
+        np.testing.assert_array_equal(batched[utt], single[utt])
+        np.testing.assert_array_equal(batched[utt], onnx_tokens[utt])
+    # the long utterance = its 1 s windows tokenized separately
+    long_utt = "spk1_utt03"
+    wave = torch.from_numpy(sf.read(data.wav[long_utt], dtype="float32")[0])[None]
+    feats = whisper_log_mel(wave, WhisperMelConfig())
+    pieces = [backend.tokenize(feats[:, :, s:s + 100], torch.tensor([feats[:, :, s:s + 100].shape[-1]]))[0]
+              for s in range(0, feats.shape[-1], 100)]
+    np.testing.assert_array_equal(batched[long_utt], np.concatenate(pieces))
+
+
+def test_extract_cli_writes_int32_tokens_and_merges_parts(trained, tmp_path):
+    ckpt, _ = trained
+    make_data_dir(tmp_path, durations=(0.5, 0.7, 0.6))
+    assert cli_main(["extract", "tokens", "--data", str(tmp_path), "--tokenizer", str(ckpt), "--batch-size", "2"]) == 0
+    written = load_file(str(tmp_path / "utt2speech_token.safetensors"))
+    assert sorted(written) == DataDir.load(tmp_path).utts
+    # utt00 0.5 s, utt01 0.7 s, utt02 0.6 s -> 50, 70, 60 frames -> 25, 35, 30 tokens at 50 Hz
+    assert {u[-2:]: len(v) for u, v in written.items()} == {"00": 25, "01": 35, "02": 30}
+    assert all(v.dtype == np.int32 and v.ndim == 1 for v in written.values())
+    # torchrun-style parts: each rank's share, merged by rank 0
+    backend = TorchBackend(load_checkpoint(ckpt))
+    for rank in range(2):
+        part, _ = extract(tmp_path, backend, rank=rank, world_size=2)
+        save_tokens(tmp_path / f"utt2speech_token.safetensors.part{rank}", part)
+    (tmp_path / "utt2speech_token.safetensors").unlink()
+    merge_parts(tmp_path, 2)
+    merged = load_file(str(tmp_path / "utt2speech_token.safetensors"))
+    assert sorted(merged) == sorted(written)
+    for utt in written:
+        np.testing.assert_array_equal(merged[utt], written[utt])
+    assert not list(tmp_path.glob("*.part*"))
+
+
+def test_cli_errors_name_the_file(tmp_path, capsys):
+    make_data_dir(tmp_path, durations=(0.5,))
+    assert cli_main(["extract", "tokens", "--data", str(tmp_path), "--tokenizer", str(tmp_path / "nope.onnx")]) == 1
+    assert "nope.onnx" in capsys.readouterr().err
+    (tmp_path / "w.safetensors").write_bytes(b"")
+    assert cli_main(["export", "tokenizer", str(tmp_path / "w.safetensors"), "--onnx", str(tmp_path / "o.onnx")]) == 1
+    assert "config.yaml" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- task
+
+
+def test_task_processors_and_collate(bpe_path, tmp_path):
+    path, vocab = bpe_path
+    cfg = from_dict(TokenizerConfig, tiny_model_dict(vocab_size=vocab, text_tokenizer=path), "model")
+    save_audio(tmp_path / "a.wav", tone(0.5, 300, 0, 22050), 22050)  # resampled to 16 kHz by the processor
+    rows = [{"utt": "a", "text": "hello world", "audio": (tmp_path / "a.wav").read_bytes()},
+            {"utt": "b", "text": "number one", "audio": b"garbage"},
+            {"utt": "c", "text": "two", "audio": (tmp_path / "a.wav").read_bytes()}]
+    out = []
+    for row in rows:
+        for fn in TASK.processors(cfg, True):
+            row = fn(row)
+            if row is None:
+                break
+        if row is not None:
+            out.append(row)
+    assert [r["utt"] for r in out] == ["a", "c"]
+    assert out[0]["feats"].shape == (128, 50) and TASK.num_frames(out[0]) == 50
+    assert TextTokenizer.load(path).decode(out[0]["text_ids"].tolist()) == "hello world"
+    batch = TASK.collate(out)
+    assert batch["feats"].shape == (2, 128, 50)
+    assert batch["text_lengths"].tolist() == [len(out[0]["text_ids"]), len(out[1]["text_ids"])]
+    assert (batch["text_ids"][1, batch["text_lengths"][1]:] == -1).all()
+    model = TASK.build(cfg)
+    assert torch.isfinite(model(batch)["loss"])
+
+
+def test_vocab_size_is_checked_against_the_text_tokenizer(bpe_path):
+    path, vocab = bpe_path
+    cfg = from_dict(TokenizerConfig, tiny_model_dict(vocab_size=vocab + 1, text_tokenizer=path), "model")
+    with pytest.raises(CosyError, match="model.vocab_size"):
+        TASK.processors(cfg, True)
