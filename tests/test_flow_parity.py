@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cosy.flow.checkpoint import convert_reference_state, load_state, reference_to_cosy
-from cosy.flow.estimator import EstimatorConfig
+from cosy.flow.checkpoint import (convert_reference_estimator, convert_reference_state, load_state,
+                                  reference_to_cosy)
+from cosy.flow.estimator import Estimator, EstimatorConfig
 from cosy.flow.model import FlowConfig, FlowModel
 from cosy.modules.transformer import EncoderConfig
 
@@ -92,3 +93,16 @@ def test_full_size_names_and_shapes_match_listing():
     ours = {k: tuple(v.shape) for k, v in FlowModel(FlowConfig()).state_dict().items()}
     assert len(listing) == 1185
     assert ours == listing
+
+
+def test_causal_estimator_matches_reference_v2_chunked_estimator():
+    """cosy's causal estimator is the reference v2 CausalConditionalDecoder with its
+    50-frame chunk attention (`out.est.y_streaming` of the v2 flow fixture)."""
+    state = load_file(str(REF / "cosyvoice_v2_flow.small.state.safetensors"))
+    io = load_file(str(REF / "cosyvoice_v2_flow.small.io.safetensors"))
+    cfg = EstimatorConfig(channels=[32], n_blocks=1, n_mid_blocks=1, heads=4, head_dim=16)
+    estimator = Estimator(cfg, n_mels=80, causal=True, chunk=50).eval()
+    estimator.load_state_dict(convert_reference_estimator(state))
+    with torch.no_grad():
+        y = estimator(*(io[f"in.est.{n}"] for n in ("x", "mask", "mu", "t", "spks", "cond")))
+    assert max_diff(y, io["out.est.y_streaming"]) < ATOL

@@ -19,7 +19,8 @@ conv count; `last` = the last U-Net level, whose resampler is a bare Conv1d):
     decoder.estimator.up_blocks.{i}.0 / .1.{j} / .2[.conv]   estimator.up.{i}.(same)
     decoder.estimator.final_block.* / final_proj.* estimator.final_block.* / final_proj.*
   inside a ResNet block:      mlp.1 -> time, res_conv -> res, blockK.block.0 -> blockK.conv,
-                              blockK.block.1 -> blockK.norm (also final_block.block.*)
+                              blockK.block.1 -> blockK.norm (also final_block.block.*);
+                              the v2 causal estimator's blockK.block.2 -> blockK.norm
   inside a transformer block: attn1.to_q/to_k/to_v -> attn.linear_q/k/v,
                               attn1.to_out.0 -> attn.linear_out, norm3 -> norm2,
                               ff.net.0.proj -> ff.0, ff.net.2 -> ff.2
@@ -49,6 +50,7 @@ _ESTIMATOR_RULES: tuple[tuple[str, str], ...] = (
     (r"\.res_conv\.", ".res."),
     (r"block\.0\.", "conv."),
     (r"block\.1\.", "norm."),
+    (r"block\.2\.", "norm."),  # causal blocks: conv, transpose, LayerNorm, transpose, Mish
     (r"\.attn1\.to_([qkv])\.", r".attn.linear_\1."),
     (r"\.attn1\.to_out\.0\.", ".attn.linear_out."),
     (r"\.norm3\.", ".norm2."),
@@ -78,6 +80,13 @@ def reference_to_cosy(name: str, regulator_convs: int) -> str:
             name = re.sub(pattern, repl, name)
         return "estimator." + name
     raise CosyError(f"reference flow parameter '{name}' has no cosy counterpart")
+
+
+def convert_reference_estimator(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The `decoder.estimator.*` tensors of a reference flow state dict, renamed to the
+    names inside cosy's Estimator (v1 ConditionalDecoder or v2 CausalConditionalDecoder)."""
+    prefix = "decoder.estimator."
+    return {reference_to_cosy(k, 0)[len("estimator."):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def convert_reference_state(state: dict[str, torch.Tensor], regulator_convs: int = 4) -> dict[str, torch.Tensor]:
