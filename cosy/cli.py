@@ -35,6 +35,7 @@ register("export vocoder", "cosy.vocoder.export", "export a vocoder generator to
 register("eval tokenizer", "cosy.tokenizer.evaluate", "WER, codebook usage and speaker leakage of a tokenizer")
 register("eval speaker", "cosy.speaker.evaluate", "equal error rate of a speaker encoder on trial pairs")
 register("eval vocoder", "cosy.vocoder.evaluate", "copy-synthesis scores of a vocoder")
+register("eval tts", "cosy.eval.tts", "score synthesised speech: independent ASR WER, speaker similarity, DNSMOS")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,7 +38,9 @@ class PocketSphinx:
         except ImportError as err:
             raise CosyError("the independent ASR needs the pip package pocketsphinx "
                             "(pip install 'cosy[eval]')") from err
-        self._decoder = Decoder(samprate=ASR_SAMPLE_RATE, loglevel="FATAL")
+        # Batch CMN normalises each utterance on its own, so a transcript does not
+        # depend on what was decoded before it (live CMN carries state over).
+        self._decoder = Decoder(samprate=ASR_SAMPLE_RATE, cmn="batch", loglevel="FATAL")
 
     def transcribe(self, samples: np.ndarray, sample_rate: int) -> str:
         pcm = np.clip(resample(samples, sample_rate, ASR_SAMPLE_RATE), -1.0, 1.0)

@@ -1,0 +1,167 @@
+"""`cosy eval tts`: score synthesised speech with independent judges.
+
+A hypothesis dir holds `<utt>.wav` for utterances of a data dir and, optionally, a table
+`utt2prompt` (`<utt> <prompt utt>`) naming the data-dir utterance used as each prompt.
+The same metrics are computed on the data dir's own recordings of those utterances, the
+reference line a system should approach:
+
+* WER of an independent ASR (pocketsphinx, or a local Whisper dir) with jiwer, after
+  `cosy.eval.asr.normalise_for_wer`;
+* speaker similarity of each output to its prompt: cosine of resemblyzer embeddings
+  (independent judge) and, with `--speaker`, of cosy's own speaker model;
+* speaker identification: share of outputs closer to their own speaker's centroid (built
+  from the data dir's other recordings of that speaker) than to any other speaker's;
+* DNSMOS overall quality (speechmos).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from cosy.audio import load_audio, resample
+from cosy.data.kaldi import DataDir
+from cosy.errors import CosyError
+from cosy.eval.asr import load_recogniser, word_error_rate
+from cosy.eval.mos import dnsmos
+
+
+def read_hypotheses(hyp_dir: Path, data: DataDir) -> tuple[dict[str, Path], dict[str, str]]:
+    """(utt -> wav path, utt -> prompt utt) for the hypothesis dir."""
+    if not hyp_dir.is_dir():
+        raise CosyError(f"hypothesis dir not found: {hyp_dir}")
+    wavs = {p.stem: p for p in sorted(hyp_dir.glob("*.wav")) if p.stem in data.wav}
+    if not wavs:
+        raise CosyError(f"{hyp_dir} has no <utt>.wav for any utterance of {data.path}")
+    prompts: dict[str, str] = {}
+    table = hyp_dir / "utt2prompt"
+    if table.is_file():
+        for number, line in enumerate(table.read_text().splitlines(), 1):
+            parts = line.split()
+            if len(parts) != 2 or parts[1] not in data.wav:
+                raise CosyError(f"{table}:{number}: expected '<utt> <prompt utt of {data.path}>'")
+            prompts[parts[0]] = parts[1]
+    return wavs, prompts
+
+
+Embedder = Callable[[np.ndarray, int], np.ndarray]
+
+
+def speaker_embedders(speaker_model: str | None) -> dict[str, Embedder]:
+    """name -> function (samples, rate) -> unit speaker vector."""
+    from cosy.speaker.judge import ResemblyzerJudge
+
+    judge = ResemblyzerJudge()
+    embedders: dict[str, Embedder] = {"resemblyzer": judge.embed}
+    if speaker_model:
+        from cosy.speaker.extract import load_speaker_encoder
+        from cosy.speaker.features import SAMPLE_RATE, fbank_features
+
+        encoder = load_speaker_encoder(speaker_model)
+        embedders["cosy"] = lambda x, sr: _unit(encoder(fbank_features(resample(x, sr, SAMPLE_RATE))))
+    return embedders
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
+
+def speaker_identification(data: DataDir, embeddings: dict[str, np.ndarray],
+                           reference: dict[str, np.ndarray], exclude: dict[str, str]) -> float:
+    """Share of utterances whose vector is closest to their own speaker's centroid.
+
+    Centroids come from the data dir's recordings (`reference`), leaving out the
+    utterance itself and the prompt it was made from, so the prompt cannot vote.
+    """
+    hits = []
+    for utt, vector in embeddings.items():
+        scores = {}
+        for spk, members in data.spk2utt.items():
+            kept = [m for m in members if m not in (utt, exclude.get(utt))] or members
+            scores[spk] = float(vector @ _unit(np.mean([reference[m] for m in kept], axis=0)))
+        hits.append(max(scores, key=scores.get) == data.utt2spk[utt])
+    return float(np.mean(hits))
+
+
+def score_system(utts: list[str], get_audio: Callable[[str], tuple[np.ndarray, int]], data: DataDir,
+                 prompts: dict[str, str], asr, embedders: dict[str, Embedder],
+                 reference: dict[str, dict[str, np.ndarray]], mos: bool) -> dict:
+    texts, vectors, quality = [], {name: {} for name in embedders}, []
+    for utt in tqdm(utts, desc="scoring", unit="utt", disable=None):
+        samples, rate = get_audio(utt)
+        texts.append(asr.transcribe(samples, rate))
+        for name, embed in embedders.items():
+            vectors[name][utt] = embed(samples, rate)
+        if mos:
+            quality.append(dnsmos(samples, rate)["ovrl"])
+    out = {"wer": word_error_rate([data.text[u] for u in utts], texts), "hypotheses": dict(zip(utts, texts))}
+    if mos:
+        out["dnsmos_ovrl"] = float(np.mean(quality))
+    for name in embedders:
+        if prompts:
+            out[f"sim_{name}"] = float(np.mean([vectors[name][u] @ reference[name][prompts[u]]
+                                                for u in utts if u in prompts]))
+        out[f"spk_id_{name}"] = speaker_identification(data, vectors[name], reference[name], prompts)
+    return out
+
+
+def evaluate(hyp_dir: str | Path, data_dir: str | Path, speaker_model: str | None = None,
+             whisper_dir: str | None = None, mos: bool = True) -> dict:
+    data = DataDir.load(data_dir)
+    hyps, prompts = read_hypotheses(Path(hyp_dir), data)
+    utts = sorted(hyps)
+    asr = load_recogniser(whisper_dir)
+    embedders = speaker_embedders(speaker_model)
+    reference: dict[str, dict[str, np.ndarray]] = {name: {} for name in embedders}
+    for utt in tqdm(data.utts, desc="reference speakers", unit="utt", disable=None):
+        samples, rate = load_audio(data.wav[utt])
+        for name, embed in embedders.items():
+            reference[name][utt] = embed(samples, rate)
+    common = (data, prompts, asr, embedders, reference, mos)
+    return {
+        "num_utts": len(utts),
+        "asr": asr.name,
+        "ground_truth": score_system(utts, lambda u: load_audio(data.wav[u]), *common),
+        "synthesised": score_system(utts, lambda u: load_audio(hyps[u]), *common),
+    }
+
+
+METRICS = [("wer", "WER (%)", 100.0), ("sim_resemblyzer", "SIM resemblyzer", 1.0), ("sim_cosy", "SIM cosy", 1.0),
+           ("spk_id_resemblyzer", "speaker ID resemblyzer (%)", 100.0), ("spk_id_cosy", "speaker ID cosy (%)", 100.0),
+           ("dnsmos_ovrl", "DNSMOS OVRL", 1.0)]
+
+
+def format_table(report: dict) -> str:
+    rows = [m for m in METRICS if m[0] in report["synthesised"]]
+    lines = [f"Independent ASR: {report['asr']}; {report['num_utts']} utterances.", "",
+             "| system | " + " | ".join(label for _, label, _ in rows) + " |",
+             "| --- |" + " ---: |" * len(rows)]
+    for system in ("ground_truth", "synthesised"):
+        values = report[system]
+        lines.append(f"| {system.replace('_', ' ')} | "
+                     + " | ".join(f"{values[key] * scale:.2f}" for key, _, scale in rows) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hyp-dir", required=True, help="folder of <utt>.wav (+ optional utt2prompt)")
+    parser.add_argument("--data", required=True, help="Kaldi data dir with the reference text and recordings")
+    parser.add_argument("--speaker", help="cosy speaker model (checkpoint or ONNX) for a second similarity")
+    parser.add_argument("--whisper-dir", help="local Hugging Face Whisper dir to use as the ASR")
+    parser.add_argument("--no-mos", action="store_true", help="skip DNSMOS (the slowest judge)")
+    parser.add_argument("--out", help="report prefix (default: HYP_DIR/eval -> eval.md, eval.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    report = evaluate(args.hyp_dir, args.data, args.speaker, args.whisper_dir, mos=not args.no_mos)
+    prefix = Path(args.out) if args.out else Path(args.hyp_dir) / "eval"
+    table = format_table(report)
+    prefix.with_suffix(".md").write_text(table)
+    prefix.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    print(table)
+    return 0

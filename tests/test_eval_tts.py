@@ -1,0 +1,53 @@
+import json
+import shutil
+
+import pytest
+
+from cosy.cli import main
+from cosy.data.kaldi import DataDir
+from cosy.errors import CosyError
+from cosy.eval.tts import evaluate
+
+
+def _hyp_dir(path, data, source_of):
+    """Write <utt>.wav copied from the recording `source_of(utt)` and a same-speaker utt2prompt."""
+    path.mkdir()
+    lines = []
+    for utt in data.utts:
+        shutil.copy(data.wav[source_of(utt)], path / f"{utt}.wav")
+        same = [u for u in data.spk2utt[data.utt2spk[utt]] if u != utt]
+        lines.append(f"{utt} {same[0]}")
+    (path / "utt2prompt").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_copies_of_the_recordings_score_like_the_recordings(tiny_corpus, tmp_path):
+    test = tiny_corpus / "test"
+    data = DataDir.load(test)
+    hyp = _hyp_dir(tmp_path / "copy", data, lambda u: u)
+    assert main(["eval", "tts", "--hyp-dir", str(hyp), "--data", str(test), "--no-mos"]) == 0
+    report = json.loads((hyp / "eval.json").read_text())
+    synth, truth = report["synthesised"], report["ground_truth"]
+    assert synth["wer"] == truth["wer"] and synth["hypotheses"] == truth["hypotheses"]
+    assert synth["sim_resemblyzer"] == pytest.approx(truth["sim_resemblyzer"], abs=1e-6)
+    assert synth["spk_id_resemblyzer"] == 1.0
+    assert "| synthesised |" in (hyp / "eval.md").read_text()
+
+
+def test_wrong_voices_are_caught_by_the_speaker_judges(tiny_corpus, tmp_path):
+    test = tiny_corpus / "test"
+    data = DataDir.load(test)
+    speakers = list(data.spk2utt)
+    # each output is a recording of the *other* test speaker
+    other = {u: data.spk2utt[speakers[1 - speakers.index(data.utt2spk[u])]][0] for u in data.utts}
+    report = evaluate(_hyp_dir(tmp_path / "swap", data, other.get), test, mos=False)
+    assert report["synthesised"]["spk_id_resemblyzer"] == 0.0
+    assert report["synthesised"]["sim_resemblyzer"] < report["ground_truth"]["sim_resemblyzer"] - 0.05
+
+
+def test_bad_hypothesis_dirs_are_named(tiny_corpus, tmp_path):
+    with pytest.raises(CosyError, match="hypothesis dir not found"):
+        evaluate(tmp_path / "nowhere", tiny_corpus / "test", mos=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CosyError, match="no <utt>.wav"):
+        evaluate(tmp_path / "empty", tiny_corpus / "test", mos=False)
