@@ -105,26 +105,29 @@ def test_killed_and_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupte
 @pytest.mark.parametrize("task", ["toy_task:TASK", "toy_task:GAN_TASK"])
 def test_two_ddp_ranks_with_batch_b_match_one_process_with_batch_2b(tmp_path, task):
     # one shard and no shuffling: rank r reads rows r, r+2, ..., so the two ranks'
-    # batches of 3 together are exactly the single process's batch of 6
-    train = write_shards(tmp_path / "train", make_rows(36), 36)
+    # batches of 3 together are exactly the single process's batch of 6. With 37 rows
+    # rank 0 holds a 7th batch that rank 1 lacks: the epoch must end on both ranks at 6.
+    train = write_shards(tmp_path / "train", make_rows(37), 37)
     cv = write_shards(tmp_path / "cv", make_rows(8, seed=1, prefix="cv"), 8)
     data = {"shuffle": False, "sort": False, "batch_type": "static"}
-    training = {"max_steps": 4, "log_every": 1, "optim": {"name": "adamw", "weight_decay": 0.01}}
+    training = {"max_epochs": 1, "cv_every_steps": 2, "keep_last": 10, "log_every": 1,
+                "optim": {"name": "adamw", "weight_decay": 0.01}}
     single = write_config(tmp_path / "single.yaml", training, {**data, "batch_size": 6}, {"dropout": 0.0}, task)
     ranks = write_config(tmp_path / "ranks.yaml", training, {**data, "batch_size": 3}, {"dropout": 0.0}, task)
     assert cli.main(train_args(single, train, cv, tmp_path / "single")) == 0
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                              "-m", "cosy.cli", *train_args(ranks, train, cv, tmp_path / "ddp")],
-                            env=env(), capture_output=True, text=True, timeout=120)
+                            env=env(), capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-3000:]
-    step_a, weights_a = final_weights(tmp_path / "single")
-    step_b, weights_b = final_weights(tmp_path / "ddp")
-    assert step_a == step_b == 4
-    for key in weights_a:  # float32 sums in a different order: tolerance 1e-6
-        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=1e-6)
-    cv_a = Checkpoints(tmp_path / "single").latest().cv_loss
-    cv_b = Checkpoints(tmp_path / "ddp").latest().cv_loss
-    assert cv_a == pytest.approx(cv_b, rel=1e-6)
+    one = {e.step: e for e in Checkpoints(tmp_path / "single").entries}
+    two = {e.step: e for e in Checkpoints(tmp_path / "ddp").entries}
+    assert sorted(one) == [2, 4, 6, 7] and sorted(two) == [2, 4, 6]
+    for step in (2, 4, 6):
+        weights_a = load_weights(tmp_path / "single" / one[step].weights)
+        weights_b = load_weights(tmp_path / "ddp" / two[step].weights)
+        for key in weights_a:  # float32 sums in a different order: tolerance 1e-6
+            torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=1e-6)
+        assert one[step].cv_loss == pytest.approx(two[step].cv_loss, rel=1e-6)
 
 
 def test_gradient_accumulation_of_two_batches_matches_one_double_batch(tmp_path):

@@ -168,6 +168,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batches_done = 0  # batches of the current epoch already trained on
+        self.saved_step = -1  # known on every rank, unlike the index that rank 0 writes
         torch.manual_seed(t.seed + rank)  # but different dropout masks per rank
         if resume:
             self._restore()
@@ -192,7 +193,6 @@ class Trainer:
 
     def fit(self) -> None:
         """Train until max_steps or max_epochs; the last state is always checkpointed."""
-        t = self.config.train
         self.model.train()
         bar = self._progress_bar()
         while not self._finished():
@@ -206,7 +206,7 @@ class Trainer:
             self.epoch += 1
             self.batches_done = 0
             self._validate_and_save()
-        if self.checkpoints.latest() is None or self.checkpoints.latest().step != self.step:
+        if self.saved_step != self.step:
             self._validate_and_save()
         if bar is not None:
             bar.close()
@@ -243,7 +243,7 @@ class Trainer:
             stats.norms = norms
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{losses['loss']:.4f}")
+                bar.set_postfix(loss=f"{float(losses['loss']):.4f}")
             if self.step % t.log_every == 0:
                 self._log_train(stats)
                 stats = _Stats()
@@ -281,16 +281,16 @@ class Trainer:
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
         return torch.autocast(self.dist.device.type, dtype=dtype)
 
-    def _backward(self, batch: dict, sync: bool) -> dict[str, float]:
+    def _backward(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
         module = self.forward_module
         no_sync = module.no_sync() if isinstance(module, DistributedDataParallel) and not sync else nullcontext()
         with no_sync:
             with self._autocast():
                 losses = module(batch)
             self.scaler.scale(losses["loss"] / self.config.train.accum_grad).backward()
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {k: v.detach() for k, v in losses.items()}
 
-    def _gan_step(self, batch: dict) -> tuple[dict[str, float], dict[str, float]]:
+    def _gan_step(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Discriminator turn then generator turn on the same batch dict (see docs/design.md)."""
         logged, norms = {}, {}
         for turn in ("discriminator", "generator"):
@@ -301,7 +301,7 @@ class Trainer:
             if self.dist.world_size > 1:
                 _average_gradients(self.params[turn], self.dist.world_size)
             norms[f"grad_norm_{turn}"] = self._update(turn)
-            logged.update({f"{turn}/{k}": float(v.detach()) for k, v in losses.items()})
+            logged.update({f"{turn}/{k}": v.detach() for k, v in losses.items()})
         self.scaler.update()
         logged["loss"] = logged["generator/loss"]
         return logged, norms
@@ -388,6 +388,7 @@ class Trainer:
             entry = Entry(self.step, self.epoch, cv_loss)
             self.checkpoints.save(entry, self.model.state_dict(), state, self.ema, t.keep_last, t.keep_best)
             log.info("saved %s", self.expdir / entry.weights)
+        self.saved_step = self.step
         if self.dist.world_size > 1:
             dist.barrier()
 
@@ -408,6 +409,7 @@ class Trainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema = {k: v.to(self.dist.device) for k, v in state["ema"].items()}
         self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
+        self.saved_step = self.step
         if len(state["rng"]) == self.dist.world_size:
             set_rng_state(state["rng"][self.dist.rank])
         else:
@@ -435,23 +437,27 @@ class Trainer:
 
 
 class _Stats:
-    """Running sums of loss terms and frames since the last log line."""
+    """Running sums of loss terms and frames since the last log line.
+
+    Loss terms stay tensors until they are logged: reading each one would wait for the
+    GPU after every batch.
+    """
 
     def __init__(self):
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
         self.frames = 0
         self.start = time.perf_counter()
         self.norms: dict[str, float] = {}
 
-    def add(self, losses: dict[str, float], info: BatchInfo) -> None:
+    def add(self, losses: dict[str, torch.Tensor], info: BatchInfo) -> None:
         for key, value in losses.items():
-            self.sums[key] = self.sums.get(key, 0.0) + value
+            self.sums[key] = self.sums[key] + value.float() if key in self.sums else value.float()
         self.count += 1
         self.frames += info.frames
 
     def mean(self) -> dict[str, float]:
-        return {key: value / max(1, self.count) for key, value in self.sums.items()}
+        return {key: float(value) / max(1, self.count) for key, value in self.sums.items()}
 
     def frames_per_second(self) -> float:
         """Frames of this process per second of wall time."""
