@@ -43,7 +43,7 @@ setup(
         "test": ["pytest", "pytest-timeout", "kaldi-native-fbank", "nbclient", "nbformat", "ipykernel"],
         "hf": ["transformers"],
         "deepspeed": ["deepspeed"],
-        "eval": ["pocketsphinx", "speechmos"],
+        "eval": ["pocketsphinx", "speechmos", "webrtcvad-wheels", "resemblyzer"],
     },
     entry_points={"console_scripts": ["cosy=cosy.cli:main"]},
 )
