@@ -18,6 +18,7 @@ from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
 from cosy.text.bpe import TextTokenizer
 from cosy.tokenizer.asr_head import greedy_ctc
+from cosy.tokenizer.evaluate import evaluate, format_markdown, nearest_centroid_accuracy, speaker_split
 from cosy.tokenizer.extract import OnnxBackend, TorchBackend, extract, load_checkpoint, merge_parts, save_tokens
 from cosy.tokenizer.model import TokenizerConfig, TokenizerModel
 from cosy.tokenizer.onnx import export_onnx
@@ -362,3 +363,69 @@ def test_vocab_size_is_checked_against_the_text_tokenizer(bpe_path):
     cfg = from_dict(TokenizerConfig, tiny_model_dict(vocab_size=vocab + 1, text_tokenizer=path), "model")
     with pytest.raises(CosyError, match="model.vocab_size"):
         TASK.processors(cfg, True)
+
+
+# ------------------------------------------------------------------------------ evaluate
+
+
+def test_speaker_split_alternates_and_drops_single_utterance_speakers():
+    utt2spk = {"a1": "A", "a2": "A", "a3": "A", "b1": "B", "b2": "B", "c1": "C"}
+    assert speaker_split(utt2spk) == (["a1", "a3", "b1"], ["a2", "b2"])
+
+
+def test_nearest_centroid_accuracy_separable_and_uninformative():
+    rng = np.random.default_rng(0)
+    centres = {s: rng.normal(size=16) * 5 for s in "ABCD"}
+    utt2spk = {f"{s}{i}": s for s in "ABCD" for i in range(6)}
+    separable = {u: centres[s] + rng.normal(size=16) * 0.1 for u, s in utt2spk.items()}
+    result = nearest_centroid_accuracy(separable, utt2spk)
+    assert result["accuracy"] == 1.0 and result["chance"] == 0.25 and result["test_utterances"] == 12
+    # identical vectors carry no identity: every test utterance goes to the first speaker
+    same = {u: np.ones(16) for u in utt2spk}
+    assert nearest_centroid_accuracy(same, utt2spk)["accuracy"] == 0.25
+
+
+@pytest.fixture(scope="module")
+def eval_checkpoint(bpe_path, tmp_path_factory):
+    path, vocab = bpe_path
+    model_dict = tiny_model_dict(vocab_size=vocab, text_tokenizer=path,
+                                 quantizer={"kind": "vq", "codebook_size": 32, "dead_after": 1})
+    torch.manual_seed(0)
+    model = TokenizerModel(from_dict(TokenizerConfig, model_dict, "model")).train()
+    feats, lengths = random_feats([100, 100])
+    with torch.no_grad():
+        for _ in range(2):
+            model.quantizer(model.encode(feats, lengths)[0])
+    return save_checkpoint(model.eval(), tmp_path_factory.mktemp("eval") / "exp", model_dict)
+
+
+def test_eval_tokenizer_cli_reports_every_metric(eval_checkpoint, tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    make_data_dir(data_dir, durations=(0.5, 0.6, 0.7, 0.8, 0.5, 0.6, 0.7, 0.8))
+    out = tmp_path / "report"
+    assert cli_main(["eval", "tokenizer", "--data", str(data_dir), "--tokenizer", str(eval_checkpoint),
+                     "--out", str(out), "--batch-size", "3"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["utterances"] == 8 and report["skipped"] == []
+    assert report["audio_seconds"] == pytest.approx(5.2, abs=1e-9)
+    assert report["tokens"] == 5.2 * 50 and report["tokens_per_second"] == pytest.approx(50.0)
+    book = report["codebook"]
+    assert report["codebook_size"] == 32 and 0 < book["used_fraction"] <= 1
+    assert book["perplexity"] == pytest.approx(2 ** book["entropy_bits"])
+    assert report["asr"]["utterances"] == 8 and report["asr"]["wer"] >= 0 and report["asr"]["cer"] >= 0
+    leak = report["speaker_leakage"]
+    assert leak["tokens"]["chance"] == 0.5 and leak["tokens"]["test_utterances"] == 4
+    # the two "speakers" are tones an octave apart: pooled log-mel separates them perfectly
+    assert leak["log_mel"]["accuracy"] == 1.0
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| WER (greedy CTC) |" in markdown and markdown in capsys.readouterr().out
+
+
+def test_eval_tokenizer_with_onnx_has_no_asr(trained, tmp_path):
+    _, onnx_path = trained
+    make_data_dir(tmp_path, durations=(0.5, 0.6, 0.7, 0.8))
+    report = evaluate(tmp_path, OnnxBackend(onnx_path), codebook_size=64)
+    assert report["asr"] is None and report["codebook_size"] == 64
+    assert "n/a" in format_markdown(report)
+    with pytest.raises(CosyError, match="codebook-size"):
+        evaluate(tmp_path, OnnxBackend(onnx_path), codebook_size=1)
