@@ -429,3 +429,14 @@ def test_eval_tokenizer_with_onnx_has_no_asr(trained, tmp_path):
     assert "n/a" in format_markdown(report)
     with pytest.raises(CosyError, match="codebook-size"):
         evaluate(tmp_path, OnnxBackend(onnx_path), codebook_size=1)
+
+
+@pytest.mark.parametrize("name,factor,codes", [("tokenizer_tiny", 2, 512), ("tokenizer_fsq", 4, 3 ** 8)])
+def test_recipe_configs_build(name, factor, codes, bpe_path):
+    path, vocab = bpe_path
+    conf = Path(__file__).parent.parent / "recipes" / "mini" / "conf" / f"{name}.yaml"
+    data = yaml.safe_load(conf.read_text())
+    assert data["task"] == "tokenizer"
+    cfg = from_dict(TokenizerConfig, {**data["model"], "text_tokenizer": path, "vocab_size": vocab}, "model")
+    model = TASK.build(cfg)
+    assert model.rate_factor == factor and model.quantizer.codebook_size == codes
