@@ -169,14 +169,20 @@ def test_gan_task_trains_both_submodules_with_two_optimisers_in_bf16(tmp_path):
 
 def test_outputs_config_log_and_tensorboard(tmp_path):
     train, cv = corpus(tmp_path, rows=16, per_shard=16)
-    conf = write_config(tmp_path / "c.yaml", {"max_steps": 2, "log_every": 1})
+    conf = write_config(tmp_path / "c.yaml", {"max_steps": 2, "log_every": 1}, {"batch_type": "static", "batch_size": 4})
     out = tmp_path / "exp"
     assert cli.main(train_args(conf, train, cv, out, "train.optim.lr=0.5")) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["task"] == "toy_task:TASK" and saved["train"]["optim"]["lr"] == 0.5
-    assert saved["model"]["dim"] == 8 and saved["data"]["max_frames_in_batch"] == 12000
+    assert saved["model"]["dim"] == 8 and saved["data"]["max_frames_in_batch"] == 12000 and saved["data"]["batch_size"] == 4
     assert "grad_norm=" in (out / "train.log").read_text()
-    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/l1", "train/lr", "train/grad_norm", "train/frames_per_s", "cv/loss"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert events.Scalars("train/lr")[0].value == pytest.approx(0.5)
     # a second run into the same folder without --resume must not overwrite it
     assert cli.main(train_args(conf, train, cv, out)) == 1
 

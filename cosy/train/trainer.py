@@ -243,7 +243,7 @@ class Trainer:
             stats.norms = norms
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(losses['loss']):.4f}")
+                bar.set_postfix(loss=f"{float(losses['generator/loss' if self.task.gan else 'loss']):.4f}")
             if self.step % t.log_every == 0:
                 self._log_train(stats)
                 stats = _Stats()
@@ -303,7 +303,6 @@ class Trainer:
             norms[f"grad_norm_{turn}"] = self._update(turn)
             logged.update({f"{turn}/{k}": v.detach() for k, v in losses.items()})
         self.scaler.update()
-        logged["loss"] = logged["generator/loss"]
         return logged, norms
 
     def _update(self, name: str) -> float:
