@@ -18,7 +18,7 @@ from torch import nn
 
 from cosy.audio import MelConfig
 from cosy.errors import CosyError
-from cosy.vocoder.hift import STFT, F0Predictor, SineSource, SourceConfig, _time_mask, masked, weight_norm
+from cosy.vocoder.hift import STFT, F0Predictor, SineSource, SourceConfig, time_mask, masked, weight_norm
 
 
 @dataclass
@@ -162,14 +162,14 @@ class Generator(nn.Module):
         (a zero f0 adds no phase, so a padded item's phase ends as it would alone)."""
         if lengths is None:
             return self.f0_predictor(mel)
-        mask = _time_mask(lengths, mel.shape[-1])
+        mask = time_mask(lengths, mel.shape[-1])
         return self.f0_predictor(mel, mask) * mask[:, 0]
 
     def make_source(self, f0: torch.Tensor, lengths: torch.Tensor | None = None, **draws) -> torch.Tensor:
         """f0 `(batch, frames)` -> excitation `(batch, 1, frames * hop)`, zero beyond each item.
         `draws` go to `SineSource.forward` (uniform, gaussian, offset, stochastic)."""
         source, _ = self.source(f0, **draws)
-        return source if lengths is None else masked(source, _time_mask(lengths * self.hop, source.shape[-1]))
+        return source if lengths is None else masked(source, time_mask(lengths * self.hop, source.shape[-1]))
 
     def decode(self, mel: torch.Tensor, source: torch.Tensor | None = None,
                lengths: torch.Tensor | None = None) -> torch.Tensor:
@@ -192,7 +192,7 @@ class Generator(nn.Module):
             spectrum = torch.cat([magnitude * torch.cos(phase), magnitude * torch.sin(phase)], dim=1)
             frames = None if lengths is None else self.stft.frames(lengths * self.hop)
             wave = self.stft.inverse(spectrum, frames).clamp(-0.99, 0.99)
-        return wave if lengths is None else masked(wave, _time_mask(lengths * self.hop, wave.shape[-1])[:, 0])
+        return wave if lengths is None else masked(wave, time_mask(lengths * self.hop, wave.shape[-1])[:, 0])
 
     def forward(self, mel: torch.Tensor, lengths: torch.Tensor | None = None,
                 stochastic: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -209,11 +209,11 @@ class Generator(nn.Module):
         """Masks at the input and after each stage (None without lengths)."""
         if lengths is None:
             return [None] * (len(self.stages) + 1)
-        masks, scale = [_time_mask(lengths, frames)], 1
+        masks, scale = [time_mask(lengths, frames)], 1
         for stage in self.stages:
             scale *= stage.upsample.stride[0]
             extra = 1 if stage.pad_left else 0
-            masks.append(_time_mask(lengths * scale + extra, frames * scale + extra))
+            masks.append(time_mask(lengths * scale + extra, frames * scale + extra))
         return masks
 
     def receptive_frames(self) -> int:

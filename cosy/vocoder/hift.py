@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosy.audio import _pad_per_utterance
+from cosy.modules.masks import lengths_to_mask
 
 
 def weight_norm(module: nn.Module) -> nn.Module:
@@ -184,12 +185,12 @@ class STFT(nn.Module):
         else:
             padded = _pad_per_utterance(x, lengths, pad, pad, symmetric=False)[:, None, :]
         spec = F.conv1d(padded, self.analysis, stride=self.hop)
-        return spec if lengths is None else masked(spec, _time_mask(self.frames(lengths), spec.shape[-1]))
+        return spec if lengths is None else masked(spec, time_mask(self.frames(lengths), spec.shape[-1]))
 
     def inverse(self, spec: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
         """`(batch, 2 * bins, n)` -> `(batch, (n - 1) * hop)`; `frames` `(batch,)` valid counts."""
         ones = torch.ones_like(spec[:, :1, :])
-        mask = ones if frames is None else _time_mask(frames, spec.shape[-1]).to(spec.dtype)
+        mask = ones if frames is None else time_mask(frames, spec.shape[-1]).to(spec.dtype)
         summed = F.conv_transpose1d(spec * mask, self.synthesis, stride=self.hop)
         envelope = F.conv_transpose1d(mask, self.window_sq, stride=self.hop)
         pad = self.n_fft // 2
@@ -197,6 +198,6 @@ class STFT(nn.Module):
         return wave[:, 0, pad:wave.shape[-1] - pad]
 
 
-def _time_mask(lengths: torch.Tensor, total: int) -> torch.Tensor:
-    """`(batch, 1, total)` float mask, 1 where the step index is below the item's length."""
-    return (torch.arange(total, device=lengths.device)[None, :] < lengths[:, None]).float()[:, None, :]
+def time_mask(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """`(batch, 1, total)` float mask of the valid steps, to multiply channel-first tensors."""
+    return lengths_to_mask(lengths, total).float()[:, None, :]

@@ -85,8 +85,7 @@ class VocoderModel(nn.Module):
         self._cache = (batch["mel"], fake, f0)
         real_scores, _ = self.discriminator(batch["audio"])
         fake_scores, _ = self.discriminator(fake.detach())
-        loss = discriminator_loss(real_scores, fake_scores)
-        return {"loss": loss, "disc": loss.detach()}
+        return {"loss": discriminator_loss(real_scores, fake_scores)}
 
     def _generator_turn(self, batch: dict) -> dict[str, torch.Tensor]:
         fake, f0 = self._generate(batch)
