@@ -134,12 +134,15 @@ def test_gradient_accumulation_of_two_batches_matches_one_double_batch(tmp_path)
     train, cv = corpus(tmp_path, rows=24, per_shard=24)
     data = {"shuffle": False, "sort": False, "batch_type": "static"}
     one = write_config(tmp_path / "one.yaml", {"max_steps": 3}, {**data, "batch_size": 8}, {"dropout": 0.0})
-    two = write_config(tmp_path / "two.yaml", {"max_steps": 3, "accum_grad": 2}, {**data, "batch_size": 4},
-                       {"dropout": 0.0})
+    two = write_config(tmp_path / "two.yaml", {"max_epochs": 2, "accum_grad": 2, "cv_every_epoch": False},
+                       {**data, "batch_size": 4}, {"dropout": 0.0})
     assert cli.main(train_args(one, train, cv, tmp_path / "one")) == 0
     assert cli.main(train_args(two, train, cv, tmp_path / "two")) == 0
     _, a = final_weights(tmp_path / "one")
-    _, b = final_weights(tmp_path / "two")
+    steps = Checkpoints(tmp_path / "two").entries
+    # 24 rows = 3 steps an epoch; the step-3 (epoch end) checkpoint has no cv loss, the last one has
+    assert [(e.step, e.cv_loss is None) for e in steps] == [(3, True), (6, False)]
+    b = load_weights(tmp_path / "two" / steps[0].weights)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 

@@ -40,9 +40,10 @@ class TrainConfig:
 
     A step is one optimiser update over `accum_grad` batches. Training stops at
     `max_steps` or after `max_epochs` (0 = no limit on that count). Validation runs
-    every `cv_every_steps` steps (0 = never mid-epoch) and at the end of each epoch, and
-    each validation is followed by a checkpoint; `save_every_steps` adds checkpoints
-    without validation. The last `keep_last` and the best `keep_best` (by validation
+    every `cv_every_steps` steps (0 = never mid-epoch), at the end of each epoch when
+    `cv_every_epoch`, and at the end of training; each validation is followed by a
+    checkpoint. `save_every_steps` and epoch ends without validation add checkpoints
+    without a validation loss. The last `keep_last` and the best `keep_best` (by validation
     loss) checkpoints are kept. `optim_d` is the discriminator's optimiser of a GAN
     task (None = the same settings as `optim`). `ema_decay` > 0 keeps an exponential
     moving average of the weights.
@@ -59,6 +60,7 @@ class TrainConfig:
     ema_decay: float = 0.0
     log_every: int = 10
     cv_every_steps: int = 0
+    cv_every_epoch: bool = True
     save_every_steps: int = 0
     keep_last: int = 3
     keep_best: int = 5
@@ -168,7 +170,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batches_done = 0  # batches of the current epoch already trained on
-        self.saved_step = -1  # known on every rank, unlike the index that rank 0 writes
+        self.saved = (-1, False)  # (step, with cv loss?): known on every rank, unlike the index
         torch.manual_seed(t.seed + rank)  # but different dropout masks per rank
         if resume:
             self._restore()
@@ -205,8 +207,13 @@ class Trainer:
             log.info("epoch %d done at step %d", self.epoch, self.step)
             self.epoch += 1
             self.batches_done = 0
-            self._validate_and_save()
-        if self.saved_step != self.step:
+            if self._finished():
+                break
+            if self.config.train.cv_every_epoch:
+                self._validate_and_save()
+            else:
+                self._save(None)
+        if self.saved != (self.step, True):
             self._validate_and_save()
         if bar is not None:
             bar.close()
@@ -387,7 +394,7 @@ class Trainer:
             entry = Entry(self.step, self.epoch, cv_loss)
             self.checkpoints.save(entry, self.model.state_dict(), state, self.ema, t.keep_last, t.keep_best)
             log.info("saved %s", self.expdir / entry.weights)
-        self.saved_step = self.step
+        self.saved = (self.step, cv_loss is not None)
         if self.dist.world_size > 1:
             dist.barrier()
 
@@ -408,7 +415,7 @@ class Trainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema = {k: v.to(self.dist.device) for k, v in state["ema"].items()}
         self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
-        self.saved_step = self.step
+        self.saved = (self.step, entry.cv_loss is not None)
         if len(state["rng"]) == self.dist.world_size:
             set_rng_state(state["rng"][self.dist.rank])
         else:
