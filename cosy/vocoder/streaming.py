@@ -5,9 +5,11 @@ A generator sample depends on the mel frames within `Generator.receptive_frames(
 `StreamingVocoder` therefore re-runs the generator on a window of recent frames: it
 emits the samples of frames that have `lookahead` frames to their right, keeps `context`
 already-emitted frames on their left, and carries the f0 of emitted frames and the phase
-reached before the window. With context and lookahead at least the receptive field (the
-default), every emitted sample equals the offline one up to float rounding, so joins
-are seamless; smaller values trade exactness for latency.
+reached before the window. HiFT's random draws are made once per stream (start phases)
+and once per frame (excitation noise, kept with the window), so a recomputed frame sees
+the same noise as before. With context and lookahead at least the receptive field (the
+default), every emitted sample equals the offline one given the same draws, up to float
+rounding, so joins are seamless; smaller values trade exactness for latency.
 """
 
 from __future__ import annotations
@@ -36,11 +38,17 @@ class StreamingVocoder:
         self.f0: torch.Tensor | None = None    # (batch, emitted - start) f0 of emitted frames
         self.offset: torch.Tensor | None = None   # (batch, harmonics + 1) cycles before `start`
         self.uniform: torch.Tensor | None = None  # start phases, drawn once per stream
+        self.noise: torch.Tensor | None = None    # (batch, samples of self.mel, harmonics + 1)
 
     @torch.no_grad()
     def push(self, mel: torch.Tensor) -> torch.Tensor:
         """Add frames `(batch, n_mels, n)`; returns the samples that became final."""
         self.mel = mel if self.mel is None else torch.cat([self.mel, mel], dim=-1)
+        source = self.generator.source
+        if source is not None and self.stochastic:
+            shape = (mel.shape[0], mel.shape[-1] * self.generator.hop, source.multiples.numel())
+            noise = torch.randn(shape, device=mel.device)
+            self.noise = noise if self.noise is None else torch.cat([self.noise, noise], dim=1)
         return self._emit(self.start + self.mel.shape[-1] - self.lookahead)
 
     @torch.no_grad()
@@ -67,7 +75,8 @@ class StreamingVocoder:
                 harmonics = gen.source.multiples.numel()
                 self.offset = f0.new_zeros(batch, harmonics, dtype=torch.float64)
                 self.uniform = torch.rand(batch, harmonics, device=f0.device)
-            source = gen.make_source(f0, uniform=self.uniform, offset=self.offset, stochastic=self.stochastic)
+            source = gen.make_source(f0, uniform=self.uniform, gaussian=self.noise, offset=self.offset,
+                                     stochastic=self.stochastic)
             wave = gen.decode(self.mel, source)
             new_f0 = f0[:, known:until - self.start]
             self.f0 = new_f0 if self.f0 is None else torch.cat([self.f0, new_f0], dim=1)
@@ -83,5 +92,7 @@ class StreamingVocoder:
         if self.f0 is not None:
             self.offset = self.offset + self.generator.source.cycles_per_frame(self.f0[:, :drop]).sum(dim=1)
             self.f0 = self.f0[:, drop:]
+        if self.noise is not None:
+            self.noise = self.noise[:, drop * self.generator.hop:]
         self.mel = self.mel[..., drop:]
         self.start = new_start
