@@ -125,15 +125,16 @@ def test_speed_and_seeded_noise():
 # ---------------------------------------------------------------------- streaming
 @pytest.mark.parametrize("left_chunks", [1, -1])
 def test_streaming_equals_offline_causal_model(left_chunks):
-    """Chunked decoding (pushes of uneven sizes, a prompt, a partial last chunk) gives the
+    """Chunked decoding (pushes of uneven sizes, a 7-token prompt, a partial last chunk) gives the
     offline output of the same causal model with the same noise (tolerance 1e-5)."""
     torch.manual_seed(0)
     model = FlowModel(tiny(causal=True, left_chunks=left_chunks)).eval()
-    tokens, prompt = torch.randint(0, 32, (1, 23)), torch.randint(0, 32, (1, 5))
-    prompt_feat, emb = torch.randn(1, 16, 11), torch.randn(1, 8)
-    noise = torch.randn(1, 16, 2 * 28)
+    tokens, prompt = torch.randint(0, 32, (1, 23)), torch.randint(0, 32, (1, 7))
+    prompt_feat, emb = torch.randn(1, 16, 15), torch.randn(1, 8)
+    noise = torch.randn(1, 16, 2 * 30)
     offline = model.inference(tokens, prompt, prompt_feat, emb, noise=noise)
     stream = model.stream(prompt, prompt_feat, emb, noise=noise)
+    assert stream.done == 4  # the first prompt chunk (and its look-ahead) is decoded at the start
     parts = [stream.push(tokens[:, a:b]) for a, b in [(0, 1), (1, 8), (8, 9), (9, 20), (20, 23)]]
     parts.append(stream.finish())
     assert parts[0].shape[2] == 0  # the first chunk still waits for look-ahead tokens

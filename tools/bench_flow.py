@@ -2,6 +2,9 @@
 
     python tools/bench_flow.py [--threads 2] [--repeats 3] [--skip-v1] [--skip-stream]
 
+Wall time on a shared machine depends on the load, so each figure also gives the
+process CPU time (with --threads 1 that is what an idle core would take).
+
 Offline: 200 target tokens + a 50-token prompt with an 86-frame prompt mel (the
 reference's v1 measurement: 344 output frames), random weights, for the tiny and the
 v1-size config. RTF = wall time / duration of the generated mel.
@@ -39,17 +42,19 @@ def offline(name: str, cfg: FlowConfig, repeats: int) -> None:
     prompt = torch.randint(0, cfg.vocab_size, (1, 50))
     prompt_feat = torch.randn(1, cfg.n_mels, 86)
     emb = torch.randn(1, cfg.spk_dim)
-    times = []
-    for i in range(repeats + 1):
-        start = time.perf_counter()
+    model.inference(tokens[:, :20], prompt, prompt_feat, emb)  # warm-up
+    times, cpu = [], []
+    for i in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
         mel = model.inference(tokens, prompt, prompt_feat, emb, generator=torch.Generator().manual_seed(i))
-        if i:  # the first run warms up
-            times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
     seconds = mel.shape[2] / cfg.frames_per_second
-    median = statistics.median(times)
+    median, median_cpu = statistics.median(times), statistics.median(cpu)
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    print(f"{name:<8} {params:7.1f} M params  {mel.shape[2]} frames ({seconds:.2f} s)  "
-          f"median {median:.3f} s (min {min(times):.3f}, max {max(times):.3f})  RTF {median / seconds:.3f}")
+    print(f"{name:<6} {params:6.1f} M params  {mel.shape[2]} frames ({seconds:.2f} s)  wall median "
+          f"{median:.2f} s (min {min(times):.2f}) RTF {median / seconds:.3f}  |  CPU {median_cpu:.2f} s "
+          f"RTF {median_cpu / seconds:.3f}")
 
 
 def streaming(v1: FlowConfig) -> None:
@@ -61,31 +66,29 @@ def streaming(v1: FlowConfig) -> None:
     torch.manual_seed(0)
     model = FlowModel(cfg).eval()
     prompt = torch.randint(0, cfg.vocab_size, (1, 50))
+    t0, c0 = time.perf_counter(), time.process_time()
     stream = model.stream(prompt, torch.randn(1, cfg.n_mels, 100), torch.randn(1, cfg.spk_dim))
-    tokens = torch.randint(0, cfg.vocab_size, (1, 300))
-    chunk_times = []
-    for start in range(0, 300, 25):
-        t0 = time.perf_counter()
-        n_before = stream.done
-        stream.push(tokens[:, start:start + 25])
-        elapsed = time.perf_counter() - t0
-        chunks = (stream.done - n_before) // cfg.chunk_tokens
-        chunk_times += [elapsed / chunks] * chunks if chunks else []
-    t0 = time.perf_counter()
-    stream.finish()
-    final = time.perf_counter() - t0
     print(f"streaming (causal, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, "
           f"chunk {cfg.chunk_tokens} tokens = {cfg.chunk_tokens * cfg.ratio} frames = "
-          f"{cfg.chunk_tokens / cfg.token_rate:.1f} s; chunks 1-2 hold the prompt)")
-    for i, t in enumerate(chunk_times, start=1):
-        print(f"  chunk {i:2d}: {t:.3f} s")
-    print(f"  final flush: {final:.3f} s")
+          f"{cfg.chunk_tokens / cfg.token_rate:.1f} s, look-ahead {cfg.lookahead} tokens)")
+    print(f"  start (prompt chunks: {stream.done // cfg.chunk_tokens}): wall {time.perf_counter() - t0:.2f} s  "
+          f"CPU {time.process_time() - c0:.2f} s")
+    tokens = torch.randint(0, cfg.vocab_size, (1, 300))
+    for i, start in enumerate(range(0, 300, 25), start=1):
+        t0, c0 = time.perf_counter(), time.process_time()
+        mel = stream.push(tokens[:, start:start + 25])
+        print(f"  push {i:2d}: {mel.shape[2]} frames out, wall {time.perf_counter() - t0:.2f} s  "
+              f"CPU {time.process_time() - c0:.2f} s")
+    t0, c0 = time.perf_counter(), time.process_time()
+    mel = stream.finish()
+    print(f"  finish: {mel.shape[2]} frames out, wall {time.perf_counter() - t0:.2f} s  "
+          f"CPU {time.process_time() - c0:.2f} s")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--skip-v1", action="store_true")
     parser.add_argument("--skip-stream", action="store_true")
     args = parser.parse_args()

@@ -220,7 +220,8 @@ class FlowStream:
 
     Tokens arrive with `push`; every complete chunk of `chunk_tokens` tokens whose
     `lookahead` successors are known is decoded at once and its mel returned (prompt
-    frames excluded); `finish` decodes the rest. Each chunk runs the encoder with its
+    frames excluded; chunks made only of prompt tokens are decoded when the stream
+    starts); `finish` decodes the rest. Each chunk runs the encoder with its
     key/value cache, the regulator and look-ahead convs with their left context, and
     the 10 solver steps with one estimator cache per step (keys/values of the visible
     earlier chunks, conv left context), so a chunk costs the same however many came
@@ -245,6 +246,8 @@ class FlowStream:
         self.conv_cache: Cache = {}
         self.step_caches: list[Cache] = [{} for _ in range(cfg.cfm.steps)]
         self.done = 0  # tokens decoded so far, prompt included
+        with torch.inference_mode():  # prompt chunks need no new tokens: decode them now
+            self._advance()
 
     @torch.inference_mode()
     def push(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -253,6 +256,9 @@ class FlowStream:
         if len(self.tokens) > self.max_tokens:
             raise CosyError(f"stream holds {len(self.tokens)} tokens (prompt included), more than its "
                             f"max_tokens = {self.max_tokens}")
+        return self._advance()
+
+    def _advance(self) -> torch.Tensor:
         out = []
         while len(self.tokens) - self.done >= self.cfg.chunk_tokens + self.cfg.lookahead:
             out.append(self._chunk(self.cfg.chunk_tokens))
