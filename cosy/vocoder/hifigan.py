@@ -46,7 +46,8 @@ class Snake(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         alpha = self.alpha[None, :, None]
-        return x + torch.sin(alpha * x).pow(2) / (alpha + 1e-9)
+        # multiply by the per-channel reciprocal rather than divide the whole tensor
+        return torch.addcmul(x, torch.sin(alpha * x).square(), 1.0 / (alpha + 1e-9))
 
 
 class LeakyReLU(nn.Module):
