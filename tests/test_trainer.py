@@ -192,6 +192,7 @@ def test_outputs_config_log_and_tensorboard(tmp_path):
 
 @pytest.mark.parametrize("case, message", [
     ("empty", "no training batches"),
+    ("empty_cv", "no validation batches in"),
     ("missing_shard", "shard file not found"),
     ("unknown_key", "'train.max_stepz'"),
     ("unknown_task", "unknown task 'vocodr' (known tasks: flow, llm, speaker, tokenizer, vocoder"),
@@ -202,6 +203,8 @@ def test_bad_input_fails_fast_naming_the_cause(tmp_path, capsys, case, message):
     task = "toy_task:TASK"
     if case == "empty":
         train = write_shards(tmp_path / "empty", [], 8)
+    elif case == "empty_cv":
+        cv = write_shards(tmp_path / "empty", [], 8)
     elif case == "missing_shard":
         Path(train.read_text().split()[0]).unlink()
     elif case == "unknown_key":

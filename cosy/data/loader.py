@@ -90,6 +90,7 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, list_path: str | Path, task: Task, model_config: Any, config: DataConfig,
                  train: bool, rank: int = 0, world_size: int = 1):
+        self.list_path = str(list_path)
         self.shards = read_shard_list(list_path)
         self.task = task
         self.processors = task.processors(model_config, train)
@@ -179,7 +180,7 @@ def make_loader(dataset: ShardDataset, epoch: int, skip: int = 0) -> Iterator[tu
     dataset.set_epoch(epoch)
     workers = dataset.config.num_workers
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_identity,
-                        generator=torch.Generator(),
+                        generator=torch.Generator(), pin_memory=torch.cuda.is_available(),
                         prefetch_factor=dataset.config.prefetch if workers else None,
                         persistent_workers=False)
     for index, item in enumerate(loader):

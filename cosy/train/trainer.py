@@ -127,7 +127,6 @@ class Trainer:
                  expdir: str | Path, resume: bool = False):
         self.config = config
         self.task = task
-        self.train_list = str(train_list)
         self.dist = init_distributed()
         self.expdir = Path(expdir)
         t = config.train
@@ -174,7 +173,7 @@ class Trainer:
         torch.manual_seed(t.seed + rank)  # but different dropout masks per rank
         if resume:
             self._restore()
-        elif self.dist.main:
+        if self.dist.main:
             cfg.save(config, self.expdir / "config.yaml")
         self.writer = None
         if self.dist.main:
@@ -202,7 +201,7 @@ class Trainer:
             if stopped:
                 break
             if self.batches_done == 0:
-                raise CosyError(f"no training batches in {self.train_list}: the shards are empty or every "
+                raise CosyError(f"no training batches in {self.train_set.list_path}: the shards are empty or every "
                                 "row was dropped by the task's processors")
             log.info("epoch %d done at step %d", self.epoch, self.step)
             self.epoch += 1
@@ -366,7 +365,7 @@ class Trainer:
                 for key, value in part_sums.items():
                     sums[key] = sums.get(key, 0.0) + value
         if rows == 0:
-            raise CosyError(f"no validation batches in {self.cv_set.shards[0]}...: the cv shards are empty "
+            raise CosyError(f"no validation batches in {self.cv_set.list_path}: the shards are empty "
                             "or every row was dropped by the task's processors")
         return {key: value / rows for key, value in sums.items()}
 
@@ -402,8 +401,6 @@ class Trainer:
         entry = self.checkpoints.latest()
         if entry is None:
             log.warning("--resume: no checkpoint in %s yet, starting from scratch", self.expdir)
-            if self.dist.main:
-                cfg.save(self.config, self.expdir / "config.yaml")
             return
         self.model.load_state_dict(load_weights(self.expdir / entry.weights))
         state = self.checkpoints.load_state(entry)
