@@ -383,6 +383,8 @@ def test_nearest_centroid_accuracy_separable_and_uninformative():
     # identical vectors carry no identity: every test utterance goes to the first speaker
     same = {u: np.ones(16) for u in utt2spk}
     assert nearest_centroid_accuracy(same, utt2spk)["accuracy"] == 0.25
+    # one utterance per speaker: nothing to test on
+    assert nearest_centroid_accuracy({"a": np.ones(2), "b": np.ones(2)}, {"a": "A", "b": "B"}) is None
 
 
 @pytest.fixture(scope="module")
@@ -408,12 +410,13 @@ def test_eval_tokenizer_cli_reports_every_metric(eval_checkpoint, tmp_path, caps
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["utterances"] == 8 and report["skipped"] == []
     assert report["audio_seconds"] == pytest.approx(5.2, abs=1e-9)
-    assert report["tokens"] == 5.2 * 50 and report["tokens_per_second"] == pytest.approx(50.0)
-    book = report["codebook"]
-    assert report["codebook_size"] == 32 and 0 < book["used_fraction"] <= 1
-    assert book["perplexity"] == pytest.approx(2 ** book["entropy_bits"])
     assert report["asr"]["utterances"] == 8 and report["asr"]["wer"] >= 0 and report["asr"]["cer"] >= 0
-    leak = report["speaker_leakage"]
+    tok = report["tokens"]
+    assert tok["count"] == 5.2 * 50 and tok["per_second"] == pytest.approx(50.0)
+    book = tok["codebook"]
+    assert tok["codebook_size"] == 32 and 0 < book["used_fraction"] <= 1
+    assert book["perplexity"] == pytest.approx(2 ** book["entropy_bits"])
+    leak = tok["speaker_leakage"]
     assert leak["tokens"]["chance"] == 0.5 and leak["tokens"]["test_utterances"] == 4
     # the two "speakers" are tones an octave apart: pooled log-mel separates them perfectly
     assert leak["log_mel"]["accuracy"] == 1.0
@@ -421,12 +424,25 @@ def test_eval_tokenizer_cli_reports_every_metric(eval_checkpoint, tmp_path, caps
     assert "| WER (greedy CTC) |" in markdown and markdown in capsys.readouterr().out
 
 
+def test_eval_tokenizer_without_quantizer_reports_asr_only(bpe_path, tmp_path):
+    path, vocab = bpe_path
+    model_dict = tiny_model_dict(vocab_size=vocab, text_tokenizer=path, quantizer={"kind": "none"})
+    ckpt = save_checkpoint(tiny_model(**{k: model_dict[k] for k in ("vocab_size", "text_tokenizer", "quantizer")}),
+                           tmp_path / "exp", model_dict)
+    make_data_dir(tmp_path / "data", durations=(0.5, 0.6))
+    report = evaluate(tmp_path / "data", TorchBackend(load_checkpoint(ckpt)))
+    assert report["tokens"] is None and report["asr"]["utterances"] == 2
+    assert "quantizer kind 'none'" in format_markdown(report)
+    with pytest.raises(CosyError, match="'none'"):
+        extract(tmp_path / "data", TorchBackend(load_checkpoint(ckpt)))
+
+
 def test_eval_tokenizer_with_onnx_has_no_asr(trained, tmp_path):
     _, onnx_path = trained
     make_data_dir(tmp_path, durations=(0.5, 0.6, 0.7, 0.8))
     report = evaluate(tmp_path, OnnxBackend(onnx_path), codebook_size=64)
-    assert report["asr"] is None and report["codebook_size"] == 64
-    assert "n/a" in format_markdown(report)
+    assert report["asr"] is None and report["tokens"]["codebook_size"] == 64
+    assert "no ASR head" in format_markdown(report)
     with pytest.raises(CosyError, match="codebook-size"):
         evaluate(tmp_path, OnnxBackend(onnx_path), codebook_size=1)
 

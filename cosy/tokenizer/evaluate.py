@@ -54,12 +54,13 @@ def speaker_split(utt2spk: dict[str, str]) -> tuple[list[str], list[str]]:
     return train, test
 
 
-def nearest_centroid_accuracy(vectors: dict[str, np.ndarray], utt2spk: dict[str, str]) -> dict[str, float]:
+def nearest_centroid_accuracy(vectors: dict[str, np.ndarray], utt2spk: dict[str, str]) -> dict[str, float] | None:
     """Share of test utterances whose closest speaker centroid (cosine, after removing the
-    training mean) is their own speaker's; `chance` is 1 / number of speakers."""
+    training mean) is their own speaker's; `chance` is 1 / number of speakers. None when
+    no speaker has two utterances."""
     train, test = speaker_split({u: utt2spk[u] for u in vectors})
     if not test:
-        raise CosyError("speaker leakage needs at least one speaker with 2 or more usable utterances")
+        return None
 
     def unit(x: np.ndarray) -> np.ndarray:
         return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -82,7 +83,8 @@ def token_histogram(tokens: np.ndarray, codebook_size: int) -> np.ndarray:
 
 def evaluate(data_dir: str | Path, backend, batch_size: int = 8, num_workers: int = 0,
              codebook_size: int | None = None) -> dict:
-    """All the metrics above as a dict (see the module docstring)."""
+    """All the metrics above as a dict (see the module docstring). A model trained with the
+    `none` quantiser has no tokens: only its ASR scores are reported (`tokens` is None)."""
     data = DataDir.load(data_dir)
     skipped: list[tuple[str, str]] = []
     items = list(readable_features(data, data.utts, backend.mel, num_workers, skipped))
@@ -90,34 +92,45 @@ def evaluate(data_dir: str | Path, backend, batch_size: int = 8, num_workers: in
         raise CosyError(f"data dir {data_dir}: no utterance could be read")
     frames_per_second = backend.mel.sample_rate / backend.mel.hop_length
     seconds = sum(item.feats.shape[1] for item in items) / frames_per_second
+    torch_model = backend.model if isinstance(backend, TorchBackend) else None
+    report = {
+        "data": str(data_dir),
+        "utterances": len(items),
+        "skipped": [u for u, _ in skipped],
+        "audio_seconds": seconds,
+        "asr": None if torch_model is None else transcription_scores(backend, items, data, batch_size),
+        "tokens": None,
+    }
+    if torch_model is not None and torch_model.quantizer.codebook_size == 0:
+        return report
+    if codebook_size is None:
+        codebook_size = (torch_model.quantizer.codebook_size if torch_model is not None
+                         else RELEASED_CODEBOOKS[backend.rate_factor])
+    report["tokens"] = token_scores(backend, items, data, batch_size, codebook_size, seconds)
+    return report
+
+
+def token_scores(backend, items, data: DataDir, batch_size: int, codebook_size: int, seconds: float) -> dict:
+    """Codebook usage, token rate, real-time factor and speaker leakage."""
     start = time.perf_counter()
     tokens = dict(tokenize_stream(backend, items, batch_size))
     elapsed = time.perf_counter() - start
-    if codebook_size is None:
-        codebook_size = (backend.model.quantizer.codebook_size if isinstance(backend, TorchBackend)
-                         else RELEASED_CODEBOOKS[backend.rate_factor])
     all_tokens = np.concatenate(list(tokens.values()))
     if all_tokens.max() >= codebook_size:
         raise CosyError(f"--codebook-size {codebook_size} is too small: token {int(all_tokens.max())} occurs")
-    report = {
-        "data": str(data_dir),
-        "utterances": len(tokens),
-        "skipped": [u for u, _ in skipped],
-        "audio_seconds": seconds,
-        "tokens": int(all_tokens.size),
-        "tokens_per_second": all_tokens.size / seconds,
+    histograms = {u: token_histogram(t, codebook_size) for u, t in tokens.items()}
+    pooled_mel = {item.utt: torch.cat([item.feats.mean(1), item.feats.std(1)]).numpy() for item in items}
+    return {
+        "count": int(all_tokens.size),
+        "per_second": all_tokens.size / seconds,
         "real_time_factor": elapsed / seconds,
         "codebook_size": codebook_size,
         "codebook": codebook_usage(torch.from_numpy(all_tokens.astype(np.int64)), codebook_size),
+        "speaker_leakage": {
+            "tokens": nearest_centroid_accuracy(histograms, data.utt2spk),
+            "log_mel": nearest_centroid_accuracy(pooled_mel, data.utt2spk),
+        },
     }
-    histograms = {u: token_histogram(t, codebook_size) for u, t in tokens.items()}
-    pooled_mel = {item.utt: torch.cat([item.feats.mean(1), item.feats.std(1)]).numpy() for item in items}
-    report["speaker_leakage"] = {
-        "tokens": nearest_centroid_accuracy(histograms, data.utt2spk),
-        "log_mel": nearest_centroid_accuracy(pooled_mel, data.utt2spk),
-    }
-    report["asr"] = transcription_scores(backend, items, data, batch_size) if isinstance(backend, TorchBackend) else None
-    return report
 
 
 def transcription_scores(backend: TorchBackend, items, data: DataDir, batch_size: int) -> dict:
@@ -141,10 +154,7 @@ def transcription_scores(backend: TorchBackend, items, data: DataDir, batch_size
 
 
 def format_markdown(report: dict) -> str:
-    book, leak = report["codebook"], report["speaker_leakage"]
-    asr = report["asr"]
-    wer, cer = (("n/a (ONNX tokenizer)",) * 2 if asr is None
-                else (f"{100 * asr['wer']:.2f} %", f"{100 * asr['cer']:.2f} %"))
+    asr, tok = report["asr"], report["tokens"]
     lines = [
         f"# Tokenizer evaluation on {report['data']}",
         "",
@@ -152,16 +162,27 @@ def format_markdown(report: dict) -> str:
         "| --- | --- |",
         f"| utterances (skipped) | {report['utterances']} ({len(report['skipped'])}) |",
         f"| audio | {report['audio_seconds']:.1f} s |",
-        f"| WER (greedy CTC) | {wer} |",
-        f"| CER (greedy CTC) | {cer} |",
-        f"| codes used | {100 * book['used_fraction']:.1f} % of {report['codebook_size']} |",
-        f"| code entropy | {book['entropy_bits']:.2f} bits (perplexity {book['perplexity']:.0f}) |",
-        f"| tokens per second | {report['tokens_per_second']:.2f} |",
-        f"| real-time factor | {report['real_time_factor']:.4f} |",
-        f"| speaker accuracy from tokens | {100 * leak['tokens']['accuracy']:.1f} % "
-        f"(chance {100 * leak['tokens']['chance']:.1f} %, {leak['tokens']['speakers']} speakers) |",
-        f"| speaker accuracy from log-mel | {100 * leak['log_mel']['accuracy']:.1f} % |",
     ]
+    if asr is None:
+        lines.append("| WER / CER (greedy CTC) | n/a (an ONNX tokenizer has no ASR head) |")
+    else:
+        lines += [f"| WER (greedy CTC) | {100 * asr['wer']:.2f} % |", f"| CER (greedy CTC) | {100 * asr['cer']:.2f} % |"]
+    if tok is None:
+        lines.append("| tokens | none (quantizer kind 'none') |")
+        return "\n".join(lines) + "\n"
+    book, leak = tok["codebook"], tok["speaker_leakage"]
+    lines += [
+        f"| codes used | {100 * book['used_fraction']:.1f} % of {tok['codebook_size']} |",
+        f"| code entropy | {book['entropy_bits']:.2f} bits (perplexity {book['perplexity']:.0f}) |",
+        f"| tokens per second | {tok['per_second']:.2f} |",
+        f"| real-time factor | {tok['real_time_factor']:.4f} |",
+    ]
+    if leak["tokens"] is None:
+        lines.append("| speaker leakage | n/a (no speaker has 2 or more utterances) |")
+    else:
+        lines += [f"| speaker accuracy from tokens | {100 * leak['tokens']['accuracy']:.1f} % "
+                  f"(chance {100 * leak['tokens']['chance']:.1f} %, {leak['tokens']['speakers']} speakers) |",
+                  f"| speaker accuracy from log-mel | {100 * leak['log_mel']['accuracy']:.1f} % |"]
     return "\n".join(lines) + "\n"
 
 

@@ -236,7 +236,7 @@ def codebook_usage(indices: Tensor, codebook_size: int) -> dict[str, float]:
     counts = torch.bincount(indices.reshape(-1).long(), minlength=codebook_size).double()
     probs = counts / counts.sum().clamp(min=1)
     nonzero = probs[probs > 0]
-    entropy = float(-(nonzero * nonzero.log2()).sum())
+    entropy = max(float(-(nonzero * nonzero.log2()).sum()), 0.0)  # no "-0.0" for one code
     return {
         "used_fraction": float((counts > 0).sum()) / codebook_size,
         "entropy_bits": entropy,
