@@ -72,7 +72,8 @@ def test_killed_and_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupte
     assert cli.main(train_args(conf, train, cv, tmp_path / "straight")) == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "cosy.cli", *train_args(conf, train, cv, killed, "model.sleep=0.15")],
+    slow = train_args(conf, train, cv, killed, "model.sleep=0.15")
+    proc = subprocess.Popen([sys.executable, "-m", "cosy.cli", *slow],
                             env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
@@ -87,6 +88,8 @@ def test_killed_and_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupte
     entry = Checkpoints(killed).latest()
     assert 4 <= entry.step < 10
     assert Checkpoints(killed).load_state(entry)["batches_done"] > 0  # stopped mid-epoch
+    for listed in Checkpoints(killed).entries:  # whatever the kill interrupted, the index lists only whole files
+        assert load_weights(killed / listed.weights) and load_weights(killed / listed.ema)
 
     assert cli.main(train_args(conf, train, cv, killed, "--resume")) == 0
     step_a, weights_a = final_weights(tmp_path / "straight")
@@ -100,6 +103,7 @@ def test_killed_and_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupte
     losses_a = [e.cv_loss for e in Checkpoints(tmp_path / "straight").entries]
     assert losses_a == [e.cv_loss for e in Checkpoints(killed).entries]
     assert "resumed from" in (killed / "train.log").read_text()
+    assert not list(killed.glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("task", ["toy_task:TASK", "toy_task:GAN_TASK"])
@@ -172,12 +176,14 @@ def test_gan_task_trains_both_submodules_with_two_optimisers_in_bf16(tmp_path):
 
 def test_outputs_config_log_and_tensorboard(tmp_path):
     train, cv = corpus(tmp_path, rows=16, per_shard=16)
-    conf = write_config(tmp_path / "c.yaml", {"max_steps": 2, "log_every": 1}, {"batch_type": "static", "batch_size": 4})
+    conf = write_config(tmp_path / "c.yaml", {"max_steps": 2, "log_every": 1},
+                        {"batch_type": "static", "batch_size": 4})
     out = tmp_path / "exp"
     assert cli.main(train_args(conf, train, cv, out, "train.optim.lr=0.5")) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["task"] == "toy_task:TASK" and saved["train"]["optim"]["lr"] == 0.5
-    assert saved["model"]["dim"] == 8 and saved["data"]["max_frames_in_batch"] == 12000 and saved["data"]["batch_size"] == 4
+    assert saved["model"]["dim"] == 8 and saved["data"]["max_frames_in_batch"] == 12000
+    assert saved["data"]["batch_size"] == 4
     assert "grad_norm=" in (out / "train.log").read_text()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(out / "tensorboard"))

@@ -146,8 +146,10 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.model = task.build(config.model).to(self.dist.device)
-        if task.gan and not all(isinstance(getattr(self.model, n, None), nn.Module) for n in ("generator", "discriminator")):
-            raise CosyError(f"task '{task.name}' is a GAN task but its model lacks a generator or discriminator submodule")
+        parts = ("generator", "discriminator")
+        if task.gan and not all(isinstance(getattr(self.model, n, None), nn.Module) for n in parts):
+            raise CosyError(f"task '{task.name}' is a GAN task but its model lacks a generator or "
+                            "discriminator submodule")
         groups = ({"discriminator": self.model.discriminator, "generator": self.model.generator}
                   if task.gan else {"model": self.model})
         optims = {"discriminator": t.optim_d or t.optim}
@@ -186,7 +188,8 @@ class Trainer:
         if t.accum_grad < 1:
             raise CosyError(f"train.accum_grad must be >= 1, got {t.accum_grad}")
         if self.task.gan and t.accum_grad != 1:
-            raise CosyError("train.accum_grad must be 1 for a GAN task (each step is a discriminator and a generator turn)")
+            raise CosyError("train.accum_grad must be 1 for a GAN task "
+                            "(each step is a discriminator and a generator turn)")
         if t.precision == "fp16" and self.dist.device.type != "cuda":
             raise CosyError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
 
