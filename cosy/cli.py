@@ -36,6 +36,12 @@ register("eval tokenizer", "cosy.tokenizer.evaluate", "WER, codebook usage and s
 register("eval speaker", "cosy.speaker.evaluate", "equal error rate of a speaker encoder on trial pairs")
 register("eval vocoder", "cosy.vocoder.evaluate", "copy-synthesis scores of a vocoder")
 register("eval tts", "cosy.eval.tts", "score synthesised speech: independent ASR WER, speaker similarity, DNSMOS")
+register("synthesize", "cosy.inference.cli", "speak text in the voice of a prompt recording")
+register("vc", "cosy.inference.vc", "voice conversion: a source recording's words in a prompt's voice")
+register("convert", "cosy.inference.vc", "voice conversion with --source-wav/--prompt-wav (same as vc)")
+register("pack", "cosy.inference.model_dir", "assemble a model directory from trained parts")
+register("bench", "cosy.bench", "speed of synthesis: RTF, streaming latency, LM tokens/s, memory")
+register("text bpe", "cosy.text.cli", "train a byte-level BPE text tokenizer on the transcripts of data dirs")
 
 
 def build_parser() -> argparse.ArgumentParser:

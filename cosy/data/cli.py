@@ -1,4 +1,4 @@
-"""`cosy data validate|shards|corpus`."""
+"""`cosy data validate|shards|corpus|zeroshot`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{validate,shards,corpus}")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{validate,shards,corpus,zeroshot}")
     validate = sub.add_parser("validate", help="check a Kaldi data dir; every problem is printed as file:line")
     validate.add_argument("dir", help="data dir (wav.scp, text, utt2spk, ...)")
     validate.add_argument("--no-audio", action="store_true", help="do not open the audio files")
@@ -24,9 +24,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     corpus.add_argument("--seed", type=int, default=0)
     corpus.add_argument("--num-jobs", type=int, default=1, help="speakers rendered in parallel")
 
+    zeroshot = sub.add_parser("zeroshot", help="zero-shot test list: each utterance prompted by another of its speaker")
+    zeroshot.add_argument("dir", help="data dir (the test set)")
+    zeroshot.add_argument("out", help="folder for manifest.tsv and utt2prompt (then the synthesised wavs)")
+
 
 def run(args: argparse.Namespace) -> int:
-    return {"validate": _validate, "shards": _shards, "corpus": _corpus}[args.action](args)
+    return {"validate": _validate, "shards": _shards, "corpus": _corpus,
+            "zeroshot": _zeroshot}[args.action](args)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -64,4 +69,12 @@ def _corpus(args: argparse.Namespace) -> int:
               file=sys.stderr)
     counts = ", ".join(f"{k} {v} utts / {report['speakers'][k]} spk" for k, v in report["utterances"].items())
     print(f"corpus in {args.out}: {counts}; {report['hours']} hours; built in {report['build_seconds']} s")
+    return 0
+
+
+def _zeroshot(args: argparse.Namespace) -> int:
+    from cosy.data.zeroshot import write_zeroshot
+
+    lines = write_zeroshot(args.dir, args.out)
+    print(f"wrote {lines} zero-shot lines to {args.out}/manifest.tsv and {args.out}/utt2prompt")
     return 0

@@ -1,0 +1,48 @@
+"""`cosy text bpe`: train the byte-level BPE text tokenizer of a recipe on the
+transcripts of its training data dirs."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from cosy.errors import CosyError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", action="append", required=True,
+                        help="Kaldi data dir whose `text` is learnt from (repeat for several)")
+    parser.add_argument("--vocab-size", type=int, required=True,
+                        help="tokens including the special tokens and the 256 bytes")
+    parser.add_argument("--min-frequency", type=int, default=2, help="rarest pair that may be merged")
+    parser.add_argument("--out", required=True, help="tokenizer.json to write")
+
+
+def transcripts(data_dirs: list[str]) -> list[str]:
+    """The transcripts of every dir's `text`, without their utterance ids."""
+    lines = []
+    for data in data_dirs:
+        table = Path(data) / "text"
+        if not table.is_file():
+            raise CosyError(f"--data {data}: no `text` file in it")
+        for line in table.read_text(encoding="utf-8").splitlines():
+            parts = line.split(maxsplit=1)
+            if len(parts) == 2:
+                lines.append(parts[1])
+    if not lines:
+        raise CosyError(f"--data {', '.join(data_dirs)}: no transcripts to learn from")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    from cosy.text.bpe import TextTokenizer
+
+    lines = transcripts(args.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "text.txt"
+        corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        tokenizer = TextTokenizer.train([corpus], args.vocab_size, args.min_frequency)
+    tokenizer.save(args.out)
+    print(f"wrote {args.out}: {tokenizer.vocab_size} tokens learnt from {len(lines)} transcripts")
+    return 0

@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# The whole cosy system on the synthetic mini corpus, from nothing to an evaluated
+# zero-shot TTS model. Every stage is one or more `cosy` commands; run a range of them
+# with --stage / --stop_stage (each stage reads only what earlier stages wrote under --dir).
+#
+#   recipes/mini/run.sh --size tiny --dir exp/mini_tiny          # CI: about 10 minutes on 2 cores
+#   recipes/mini/run.sh --size default --dir exp/mini            # the real small experiment
+#   recipes/mini/run.sh --size default --dir exp/mini --stage 5 --stop_stage 5   # resume training
+#
+# Stages: 0 corpus | 1 speaker encoder + embeddings | 2 text BPE + S3 tokenizer |
+# 3 speech tokens | 4 shards | 5 train LM, flow, vocoder | 6 average | 7 export + pack |
+# 8 zero-shot synthesis of the unseen test speakers | 9 evaluation -> DIR/results.md
+set -euo pipefail
+
+stage=0
+stop_stage=9
+size=tiny            # tiny | default: picks conf/*_<size>.yaml and the corpus size
+dir=""               # output folder (default exp/mini_<size>)
+nj=2                 # parallel jobs for corpus building, shards and feature extraction
+ngpu=0               # > 0: train under torchrun on that many GPUs, extract on cuda
+speaker_model=""     # a trained speaker model (checkpoint or .onnx): skips speaker training
+seed=0               # corpus seed
+average_num=5        # checkpoints averaged (the best by validation loss)
+bpe_size=""          # text tokenizer vocabulary (default from --size)
+mos=true             # false: skip DNSMOS in stage 9
+
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --stage --stop_stage --size --dir --nj --ngpu" \
+  "--speaker_model --seed --average_num --bpe_size --mos"; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h|--help) usage; exit 0 ;;
+    --*=*) name="${1%%=*}"; value="${1#*=}"; shift ;;
+    --*) [ $# -ge 2 ] || { echo "$0: option $1 needs a value" >&2; exit 1; }
+         name="$1"; value="$2"; shift 2 ;;
+    *) echo "$0: unexpected argument '$1' (see --help)" >&2; exit 1 ;;
+  esac
+  name="${name#--}"; name="${name//-/_}"
+  case "$name" in
+    stage|stop_stage|size|dir|nj|ngpu|speaker_model|seed|average_num|bpe_size|mos) printf -v "$name" '%s' "$value" ;;
+    *) echo "$0: unknown option --$name (see --help)" >&2; exit 1 ;;
+  esac
+done
+
+case "$size" in
+  tiny) : "${bpe_size:=400}" ;;
+  default) : "${bpe_size:=2000}" ;;
+  *) echo "$0: --size must be tiny or default, got '$size'" >&2; exit 1 ;;
+esac
+recipe=$(cd "$(dirname "$0")" && pwd)
+conf=$recipe/conf
+dir=${dir:-exp/mini_$size}
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)
+data=$dir/corpus            # train/ dev/ test/ Kaldi data dirs; embeddings and tokens are added to them
+exp=$dir/exp                # one experiment dir per model
+device=cpu
+if [ "$ngpu" -gt 0 ]; then device=cuda; fi
+
+log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
+
+# Stage wall times go to DIR/stage_times.tsv, one line per completed stage.
+stage_start=0
+begin() { log "stage $1: $2"; stage_start=$(date +%s); }
+end() { printf '%s\t%s\t%s\n' "$1" "$2" "$(( $(date +%s) - stage_start ))" >> "$dir/stage_times.tsv"; }
+run_stage() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
+
+train() {  # train MODEL SHARDS [section.key=value ...]: one experiment, resumed if it was started before
+  local model=$1 shards=$dir/shards/$2; shift 2
+  local args=(train --config "$conf/${model}_$size.yaml" --train-data "$shards/train/data.list"
+              --cv-data "$shards/dev/data.list" --out "$exp/$model" --resume "$@")
+  if [ "$ngpu" -gt 0 ]; then
+    torchrun --standalone --nproc_per_node "$ngpu" -m cosy.cli "${args[@]}"
+  else
+    cosy "${args[@]}"
+  fi
+}
+
+average() { cosy average "$exp/$1" --best "$average_num" --out "$exp/$1/model.safetensors"; }
+
+vocab_size() { python -c "from cosy.text.bpe import TextTokenizer; print(TextTokenizer.load('$1').vocab_size)"; }
+
+# The speaker model used for embeddings and evaluation: given, or trained in stage 1.
+speaker=${speaker_model:-$exp/speaker/model.safetensors}
+text_tokenizer=$exp/text/tokenizer.json
+
+if run_stage 0; then
+  begin 0 "synthetic corpus ($size), validation, audio shards"
+  cosy data corpus --size "$size" --out "$data" --seed "$seed" --num-jobs "$nj"
+  for part in train dev test; do cosy data validate "$data/$part"; done
+  # Audio + text only: what the speaker encoder and the S3 tokenizer train on.
+  for part in train dev; do
+    cosy data shards "$data/$part" "$dir/shards/audio/$part" --num-workers "$nj"
+  done
+  end 0 corpus
+fi
+
+if run_stage 1; then
+  begin 1 "speaker encoder and embeddings"
+  if [ -z "$speaker_model" ]; then
+    train speaker audio "model.speakers=$data/train/spk2utt"
+    average speaker
+  fi
+  for part in train dev test; do
+    cosy extract embeddings --data "$data/$part" --speaker "$speaker" --num-workers "$nj" --device "$device"
+  done
+  end 1 speaker
+fi
+
+if run_stage 2; then
+  begin 2 "text BPE and S3 speech tokenizer"
+  cosy text bpe --data "$data/train" --vocab-size "$bpe_size" --out "$text_tokenizer"
+  train tokenizer audio "model.text_tokenizer=$text_tokenizer" "model.vocab_size=$(vocab_size "$text_tokenizer")"
+  average tokenizer
+  end 2 tokenizer
+fi
+
+if run_stage 3; then
+  begin 3 "speech tokens"
+  for part in train dev test; do
+    cosy extract tokens --data "$data/$part" --tokenizer "$exp/tokenizer/model.safetensors" \
+      --num-workers "$nj" --device "$device"
+  done
+  end 3 tokens
+fi
+
+if run_stage 4; then
+  begin 4 "shards with speech tokens and embeddings"
+  for part in train dev; do
+    rm -rf "$dir/shards/full/$part"
+    cosy data shards "$data/$part" "$dir/shards/full/$part" --num-workers "$nj"
+  done
+  end 4 shards
+fi
+
+if run_stage 5; then
+  begin 5 "LM, flow decoder, vocoder"
+  train llm full "model.tokenizer=$text_tokenizer"
+  train flow full
+  train vocoder full
+  end 5 train
+fi
+
+if run_stage 6; then
+  begin 6 "average the best $average_num checkpoints"
+  for model in llm flow vocoder; do average $model; done
+  end 6 average
+fi
+
+if run_stage 7; then
+  begin 7 "export and pack"
+  cosy export tokenizer "$exp/tokenizer/model.safetensors" --onnx "$exp/tokenizer/tokenizer.onnx"
+  speaker_onnx=$speaker
+  if [ "${speaker##*.}" != onnx ]; then
+    speaker_onnx=$exp/speaker/speaker.onnx
+    cosy export speaker "$speaker" --output "$speaker_onnx"
+  fi
+  rm -rf "$dir/model"
+  cosy pack --tokenizer "$exp/tokenizer/tokenizer.onnx" --speaker "$speaker_onnx" --llm "$exp/llm" \
+    --flow "$exp/flow" --vocoder "$exp/vocoder" --text-tokenizer "$text_tokenizer" --out "$dir/model"
+  end 7 pack
+fi
+
+if run_stage 8; then
+  begin 8 "zero-shot synthesis of the test speakers"
+  rm -rf "$dir/synth"
+  # manifest.tsv: each test utterance prompted by another one of its speaker; utt2prompt beside the wavs.
+  cosy data zeroshot "$data/test" "$dir/synth"
+  cosy synthesize --model-dir "$dir/model" --manifest "$dir/synth/manifest.tsv" --out-dir "$dir/synth"
+  end 8 synthesis
+fi
+
+if run_stage 9; then
+  begin 9 "evaluation"
+  mkdir -p "$dir/eval"
+  mos_flag=()
+  [ "$mos" = true ] || mos_flag=(--no-mos)
+  cosy eval tts --hyp-dir "$dir/synth" --data "$data/test" --speaker "$speaker" "${mos_flag[@]}" --out "$dir/eval/tts"
+  cosy eval tokenizer --data "$data/test" --tokenizer "$exp/tokenizer/model.safetensors" --out "$dir/eval/tokenizer" \
+    --device "$device"
+  cosy eval speaker --data "$data/test" --speaker "$speaker" --out "$dir/eval/speaker.json" --device "$device" \
+    > "$dir/eval/speaker.txt"
+  {
+    echo "# cosy mini recipe, size $size"
+    echo
+    echo "## Zero-shot TTS on the unseen test speakers"
+    echo
+    cat "$dir/eval/tts.md"
+    echo
+    echo "## S3 tokenizer on the test set"
+    echo
+    cat "$dir/eval/tokenizer.md"
+    echo
+    echo "## Speaker encoder on the test set"
+    echo
+    echo '```'
+    cat "$dir/eval/speaker.txt"
+    echo '```'
+  } > "$dir/results.md"
+  end 9 eval
+  log "results: $dir/results.md"
+fi
