@@ -486,11 +486,20 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
-    # GAN turns each touch one submodule, which DDP's single reducer cannot follow
-    for param in params:
-        if param.grad is not None:
-            dist.all_reduce(param.grad)
-            param.grad.div_(world_size)
+    """Average gradients over ranks in one all-reduce.
+
+    GAN turns each touch one submodule, which DDP's single reducer cannot follow.
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
 
 
 def _format(values: dict[str, float]) -> str:
