@@ -83,9 +83,9 @@ def read_shard_list(path: str | Path) -> list[str]:
 class ShardDataset(IterableDataset):
     """Batches of one epoch of the shards in `list_path`, for one rank.
 
-    Yields `(batch, BatchInfo)` where `batch` is `task.collate(rows)`. Call
-    `set_epoch(e)` before iterating; `skip` batches at the start are produced but
-    dropped, which is how a resumed run continues at the batch where it stopped.
+    Yields `(batch, BatchInfo)` where `batch` is `task.collate(rows)`. Iterate it
+    through `make_loader`, which sets the epoch and can skip the batches a resumed run
+    has already trained on.
     """
 
     def __init__(self, list_path: str | Path, task: Task, model_config: Any, config: DataConfig,
