@@ -52,7 +52,7 @@ class FlowConfig:
     causal: bool = False
     chunk_tokens: int = 25
     lookahead: int = 3
-    left_chunks: int = -1
+    left_chunks: int = 2  # bounds streaming memory and per-chunk cost; -1 = unlimited
 
     @property
     def n_mels(self) -> int:
@@ -226,7 +226,8 @@ class FlowStream:
     the 10 solver steps with one estimator cache per step (keys/values of the visible
     earlier chunks, conv left context), so a chunk costs the same however many came
     before it, and the output equals `FlowModel.inference` on all tokens with the
-    same noise.
+    same noise. The estimator caches hold, per solver step and transformer block, the
+    keys and values of `left_chunks` chunks (a few hundred MB at v2 sizes).
     """
 
     def __init__(self, model: FlowModel, prompt_tokens: torch.Tensor, prompt_feat: torch.Tensor,
