@@ -1,0 +1,346 @@
+"""Model directories: one folder that fully describes a trained system.
+
+    DIR/config.yaml        ModelDirConfig: the file of each part, synthesis settings
+    DIR/manifest.json      sample rate, token rate, mel settings, cosy version, sources
+    DIR/tokenizer.json     the text tokenizer
+    DIR/<part>/config.yaml the part's experiment config (`task` and `model` sections)
+    DIR/<part>/model.safetensors (or model.onnx for the tokenizer and speaker encoder)
+
+with <part> one of tokenizer, speaker, llm, flow, vocoder. Each part folder is laid out
+like an experiment dir, so the packages' own loaders read it. `pack` assembles a
+directory from experiment dirs; `load` reads one back and checks that the parts fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from cosy import __version__
+from cosy import config as cfgio
+from cosy.errors import CosyError
+from cosy.train.checkpoint import Checkpoints, save_weights
+
+PARTS = ("tokenizer", "speaker", "llm", "flow", "vocoder")
+ONNX_PARTS = ("tokenizer", "speaker")
+AVERAGED = "model.safetensors"
+
+
+@dataclass
+class SynthesisConfig:
+    """How text and prompts are turned into speech (the `synthesis:` section).
+
+    lang: language of the text for normalisation and sentence splitting ("auto": detect).
+    pause_seconds: silence between the sentences of a long text.
+    min/max_prompt_seconds: shorter prompts are refused, longer ones trimmed.
+    batch_size: sentences decoded together by the LM.
+    stream_chunk_tokens: with a non-causal flow decoder, streaming re-decodes all tokens
+        every this many new tokens and emits the new frames except the last
+        `stream_holdback_tokens` tokens' worth, which still lack right context.
+    """
+
+    lang: str = "auto"
+    pause_seconds: float = 0.2
+    min_prompt_seconds: float = 1.0
+    max_prompt_seconds: float = 30.0
+    batch_size: int = 8
+    stream_chunk_tokens: int = 25
+    stream_holdback_tokens: int = 5
+
+
+@dataclass
+class ModelDirConfig:
+    """DIR/config.yaml: the weights file of each part, relative to DIR."""
+
+    tokenizer: str = "tokenizer/model.safetensors"
+    speaker: str = "speaker/model.safetensors"
+    llm: str = "llm/model.safetensors"
+    flow: str = "flow/model.safetensors"
+    vocoder: str = "vocoder/model.safetensors"
+    text_tokenizer: str = "tokenizer.json"
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+
+
+@dataclass
+class Parts:
+    """The loaded models of a system, ready for `cosy.inference.pipeline.CosyTTS`."""
+
+    tokenizer: Any          # cosy.tokenizer.extract TorchBackend or OnnxBackend
+    speaker: Any            # cosy.speaker.extract TorchEncoder or OnnxEncoder
+    llm: Any                # cosy.llm.LLM
+    flow: Any               # cosy.flow.FlowModel
+    vocoder: Any            # cosy.vocoder.hifigan.Generator
+    text_tokenizer: Any     # cosy.text.bpe.TextTokenizer
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+
+
+# ------------------------------------------------------------------------------ pack
+
+
+def resolve_source(part: str, source: str | Path) -> tuple[Path, Path | None]:
+    """(weights file, experiment config or None for ONNX) of an experiment dir or a file.
+
+    A dir gives DIR/model.safetensors when present (`cosy average ... --out`), else the
+    best checkpoint of its index by validation loss, else the latest one.
+    """
+    source = Path(source)
+    flag = f"--{part}"
+    if source.is_dir():
+        config = source / "config.yaml"
+        if not config.is_file():
+            raise CosyError(f"{flag} {source}: no config.yaml in this experiment dir")
+        if (source / AVERAGED).is_file():
+            return source / AVERAGED, config
+        index = Checkpoints(source)
+        entry = (index.best(1) or [index.latest()])[0]
+        if entry is None:
+            raise CosyError(f"{flag} {source}: neither {AVERAGED} nor any indexed checkpoint")
+        return source / entry.weights, config
+    if not source.is_file():
+        raise CosyError(f"{flag} {source}: no such file or directory")
+    if source.suffix == ".onnx":
+        if part not in ONNX_PARTS:
+            raise CosyError(f"{flag} {source}: only the tokenizer and speaker encoder may be ONNX files")
+        return source, None
+    config = source.parent / "config.yaml"
+    if not config.is_file():
+        raise CosyError(f"{flag} {source}: no config.yaml next to the weights file")
+    return source, config
+
+
+def _part_config(part: str, config: Path, folder: Path) -> dict:
+    """The `task` and `model` sections of an experiment config, made self-contained."""
+    data = cfgio.load_yaml(config)
+    if data.get("task") != part:
+        raise CosyError(f"--{part}: {config} has task {data.get('task')!r}, expected '{part}'")
+    model = dict(data.get("model") or {})
+    if part == "llm":
+        model["tokenizer"] = ""  # training-time path; the model dir carries its own tokenizer.json
+        if model.get("backbone") == "hf":
+            hf_config = Path(model.get("hf_dir", "")) / "config.json"
+            if not hf_config.is_file():
+                raise CosyError(f"--llm: {config}: no Hugging Face config.json in model.hf_dir")
+            (folder / "hf").mkdir()
+            shutil.copy(hf_config, folder / "hf" / "config.json")
+            model["hf_dir"] = "hf"
+    return {"task": part, "model": model}
+
+
+def _copy_weights(part: str, weights: Path, target: Path) -> None:
+    """Copy the inference weights: the trainer's checkpoints also hold training-only
+    submodules (speaker classifier, vocoder discriminator) that are dropped here."""
+    prefix = {"speaker": "encoder.", "vocoder": "generator."}.get(part)
+    if prefix is None:
+        shutil.copy(weights, target)
+        return
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises several types for bad files
+        raise CosyError(f"--{part}: cannot read {weights}: {err}") from err
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    save_weights(target, state)
+
+
+def pack(sources: dict[str, str | Path], text_tokenizer: str | Path, out: str | Path,
+         synthesis: SynthesisConfig | None = None) -> Path:
+    """Assemble a model dir at `out` from one source per part (see `resolve_source`).
+
+    The result is loaded once (which checks that the parts fit) before it replaces `out`,
+    so a failed pack leaves nothing behind.
+    """
+    out = Path(out)
+    missing = [p for p in PARTS if p not in sources]
+    if missing:
+        raise CosyError(f"pack: missing part(s): {', '.join('--' + p for p in missing)}")
+    if not Path(text_tokenizer).is_file():
+        raise CosyError(f"--text-tokenizer: file not found: {text_tokenizer}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CosyError(f"--out {out}: exists and is not an empty directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    try:
+        files, origin = {}, {}
+        for part in PARTS:
+            weights, config = resolve_source(part, sources[part])
+            folder = staging / part
+            folder.mkdir()
+            if config is None:
+                target = folder / "model.onnx"
+                shutil.copy(weights, target)
+            else:
+                target = folder / "model.safetensors"
+                (folder / "config.yaml").write_text(yaml.safe_dump(_part_config(part, config, folder),
+                                                                   sort_keys=False))
+                _copy_weights(part, weights, target)
+            files[part] = str(target.relative_to(staging))
+            origin[part] = str(weights.resolve())
+        shutil.copy(text_tokenizer, staging / "tokenizer.json")
+        origin["text_tokenizer"] = str(Path(text_tokenizer).resolve())
+        cfg = ModelDirConfig(**files, synthesis=synthesis or SynthesisConfig())
+        cfgio.save(cfg, staging / "config.yaml")
+        parts = load(staging)
+        (staging / "manifest.json").write_text(json.dumps(manifest(parts, origin), indent=2) + "\n")
+        if out.exists():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def manifest(parts: Parts, sources: dict[str, str]) -> dict:
+    return {
+        "cosy_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "sample_rate": parts.vocoder.mel.sample_rate,
+        "token_rate": parts.flow.cfg.token_rate,
+        "mel": dataclasses.asdict(parts.flow.cfg.mel),
+        "speech_vocab": parts.llm.cfg.speech_vocab,
+        "speaker_dim": parts.speaker.embedding_dim,
+        "text_vocab": parts.text_tokenizer.vocab_size,
+        "sources": sources,
+    }
+
+
+# ------------------------------------------------------------------------------ load
+
+
+def load(directory: str | Path, device: str = "cpu") -> Parts:
+    """Load every part of model dir `directory` and check that they fit together."""
+    directory = Path(directory)
+    config_path = directory / "config.yaml"
+    if not config_path.is_file():
+        raise CosyError(f"model dir {directory}: no config.yaml (is this a model directory made by `cosy pack`?)")
+    cfg = cfgio.load(ModelDirConfig, config_path)
+    from cosy.speaker.extract import load_speaker_encoder
+    from cosy.text.bpe import TextTokenizer
+    from cosy.tokenizer.extract import load_tokenizer
+    from cosy.vocoder.loading import load_generator
+
+    def path(part: str) -> Path:
+        file = directory / getattr(cfg, part)
+        if not file.is_file():
+            raise CosyError(f"model dir {directory}: the {part} file {file} is missing")
+        return file
+
+    parts = Parts(
+        tokenizer=load_tokenizer(path("tokenizer"), device),
+        speaker=load_speaker_encoder(path("speaker"), device),
+        llm=_load_llm(path("llm"), device),
+        flow=_load_flow(path("flow"), device),
+        vocoder=load_generator(path("vocoder"))[0].to(device),
+        text_tokenizer=TextTokenizer.load(path("text_tokenizer")),
+        synthesis=cfg.synthesis,
+    )
+    check_parts(parts, str(directory))
+    return parts
+
+
+def _experiment(path: Path, task: str, config_cls: type):
+    config = path.parent / "config.yaml"
+    data = cfgio.load_yaml(config)
+    if data.get("task") != task:
+        raise CosyError(f"{config}: task is {data.get('task')!r}, expected '{task}'")
+    try:
+        return cfgio.from_dict(config_cls, data.get("model"), "model")
+    except CosyError as err:
+        raise CosyError(f"{config}: {err}") from err
+
+
+def _load_llm(path: Path, device: str):
+    from cosy.llm import LLM, LLMConfig
+
+    cfg = _experiment(path, "llm", LLMConfig)
+    if cfg.backbone == "hf":
+        cfg.hf_dir = str(path.parent / cfg.hf_dir)
+    model = LLM(cfg)
+    _load_state(model, path, "llm")
+    return model.to(device).eval()
+
+
+def _load_flow(path: Path, device: str):
+    from cosy.flow import FlowConfig, FlowModel
+    from cosy.flow.checkpoint import load_state, read_weights
+
+    model = FlowModel(_experiment(path, "flow", FlowConfig))
+    load_state(model, read_weights(path), str(path))
+    return model.to(device).eval()
+
+
+def _load_state(model: torch.nn.Module, path: Path, part: str) -> None:
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises several types for bad files
+        raise CosyError(f"cannot read {part} weights {path}: {err}") from err
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CosyError(f"{part} weights {path} do not fit {path.parent / 'config.yaml'}: {err}") from err
+
+
+def speech_vocab(tokenizer) -> int | None:
+    """Codebook size of a speech tokenizer backend (None for ONNX files, which do not say)."""
+    model = getattr(tokenizer, "model", None)
+    return None if model is None else int(model.quantizer.codebook_size)
+
+
+def check_parts(parts: Parts, where: str) -> None:
+    """CosyError naming the part that disagrees with the others."""
+    llm, flow, vocoder = parts.llm.cfg, parts.flow.cfg, parts.vocoder
+    codes = speech_vocab(parts.tokenizer)
+    if codes is not None and codes != llm.speech_vocab:
+        raise CosyError(f"model dir {where}: the speech tokenizer has {codes} codes but the LLM "
+                        f"(llm/config.yaml model.speech_vocab) expects {llm.speech_vocab}")
+    if flow.vocab_size < llm.speech_vocab:
+        raise CosyError(f"model dir {where}: the flow decoder embeds {flow.vocab_size} speech tokens "
+                        f"(flow/config.yaml model.vocab_size) but the LLM produces {llm.speech_vocab}")
+    token_rate = parts.tokenizer.mel.sample_rate / parts.tokenizer.mel.hop_length / parts.tokenizer.rate_factor
+    if abs(token_rate - flow.token_rate) > 1e-6:
+        raise CosyError(f"model dir {where}: the speech tokenizer makes {token_rate:g} tokens/s but the flow "
+                        f"decoder (flow/config.yaml model.token_rate) expects {flow.token_rate:g}")
+    dim = parts.speaker.embedding_dim
+    if parts.llm.uses_speaker and llm.spk_embed_dim != dim:
+        raise CosyError(f"model dir {where}: the speaker encoder gives {dim}-dim embeddings but the LLM "
+                        f"(llm/config.yaml model.spk_embed_dim) expects {llm.spk_embed_dim}")
+    if flow.spk_dim != dim:
+        raise CosyError(f"model dir {where}: the speaker encoder gives {dim}-dim embeddings but the flow "
+                        f"decoder (flow/config.yaml model.spk_dim) expects {flow.spk_dim}")
+    if flow.mel != vocoder.mel:
+        diff = [f.name for f in dataclasses.fields(flow.mel) if getattr(flow.mel, f.name) != getattr(vocoder.mel, f.name)]
+        raise CosyError(f"model dir {where}: the vocoder's mel settings (vocoder/config.yaml model.mel) differ "
+                        f"from the flow decoder's in {', '.join(diff)}")
+    text_vocab = parts.llm.text_embedding.num_embeddings if parts.llm.uses_speaker else \
+        parts.llm.lm.model.get_input_embeddings().num_embeddings
+    if parts.text_tokenizer.vocab_size > text_vocab:
+        raise CosyError(f"model dir {where}: the text tokenizer has {parts.text_tokenizer.vocab_size} tokens "
+                        f"but the LLM (llm/config.yaml model.text_vocab) embeds {text_vocab}")
+
+
+# --------------------------------------------------------------------- `cosy pack`
+
+
+def add_arguments(parser) -> None:
+    for part in PARTS:
+        onnx = " or an ONNX file" if part in ONNX_PARTS else ""
+        parser.add_argument(f"--{part}", required=True,
+                            help=f"experiment dir, or weights file with config.yaml beside it{onnx}")
+    parser.add_argument("--text-tokenizer", required=True, help="the text tokenizer.json the LLM was trained with")
+    parser.add_argument("--out", required=True, help="new model directory (must not exist or be empty)")
+
+
+def run(args) -> int:
+    out = pack({part: getattr(args, part) for part in PARTS}, args.text_tokenizer, args.out)
+    print(f"wrote model dir {out}")
+    return 0

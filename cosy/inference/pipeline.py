@@ -1,0 +1,327 @@
+"""Zero-shot synthesis: `CosyTTS`.
+
+    text -> sentences -> normalise -> text ids --\
+    prompt wav -> speaker embedding -------------+-> LM -> speech tokens
+    prompt wav -> speech tokens (+ prompt text) -/            |
+    speech tokens + speaker + prompt mel -> flow -> mel -> vocoder -> wav
+
+With a prompt transcript, the transcript's ids and the prompt's speech tokens prefix the
+LM (zero-shot continuation); without one the LM sees only the speaker embedding and the
+prompt reaches the output through the flow decoder (cross-lingual style).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence, Union
+
+import numpy as np
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from cosy.audio import load_audio, mel_spectrogram, resample, whisper_log_mel
+from cosy.errors import CosyError
+from cosy.inference.model_dir import Parts, load
+from cosy.inference.streaming import mel_stream, stream_audio
+
+log = logging.getLogger(__name__)
+
+AudioSource = Union[str, Path, tuple]  # a file, or (samples, sample_rate)
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default"
+SILENCE_PEAK = 1e-3  # -60 dBFS: nothing a speaker encoder could use
+
+
+@dataclass
+class Prompt:
+    """What synthesis takes from a prompt recording (and its transcript)."""
+
+    tokens: torch.Tensor     # (n,) speech tokens, cropped to the frames of `mel`
+    mel: torch.Tensor        # (n_mels, frames) the flow decoder's mel
+    embedding: torch.Tensor  # (spk_dim,) raw speaker embedding
+    text: list[int]          # transcript ids; empty: the LM gets no prompt
+
+
+def read_audio(source: AudioSource, what: str) -> tuple[np.ndarray, int, str]:
+    """Mono float32 samples, their rate and a name for messages, from a path or (array, rate)."""
+    if isinstance(source, (str, Path)):
+        samples, rate = load_audio(source)
+        return samples, rate, str(source)
+    if not (isinstance(source, tuple) and len(source) == 2):
+        raise CosyError(f"{what} must be an audio file path or a (samples, sample_rate) pair")
+    samples, rate = np.asarray(source[0], dtype=np.float32), source[1]
+    if not isinstance(rate, (int, np.integer)) or rate <= 0:
+        raise CosyError(f"{what}: sample rate must be a positive integer, got {rate!r}")
+    if samples.ndim == 2:  # either (samples, channels) or (channels, samples): channels are fewer
+        samples = samples.mean(axis=int(np.argmin(samples.shape)))
+    if samples.ndim != 1 or samples.size == 0:
+        raise CosyError(f"{what}: expected a non-empty mono or stereo array, got shape {samples.shape}")
+    if not np.isfinite(samples).all():
+        raise CosyError(f"{what}: the samples contain NaN or infinity")
+    return np.ascontiguousarray(samples), int(rate), f"{what} array"
+
+
+def encode_prompt_text(tokenizer, text: str, lang: str, text_vocab: int) -> list[int]:
+    """Ids of a prompt transcript, or [] (with a warning) when the tokenizer cannot encode it."""
+    from cosy.text.normalise import normalise
+    from cosy.text.symbols import UNK
+
+    try:
+        spoken = normalise(text, lang)
+        ids = tokenizer.encode(spoken) if any(ch.isalnum() for ch in spoken) else []
+    except CosyError as err:
+        ids, spoken = [], str(err)
+    try:
+        unknown = tokenizer.token_to_id(UNK)
+    except CosyError:  # a vocabulary without an unknown token encodes everything
+        unknown = None
+    if not ids or unknown in ids or max(ids) >= text_vocab:
+        warnings.warn(f"the text tokenizer cannot encode the prompt text {text[:60]!r}; synthesising without it "
+                      "(speaker embedding and flow prompt only)", stacklevel=3)
+        return []
+    return ids
+
+
+class CosyTTS:
+    """A loaded system: `CosyTTS.from_pretrained(DIR)` then `synthesize`, `stream`, `convert`."""
+
+    def __init__(self, parts: Parts, device: str = "cpu"):
+        self.parts = parts
+        self.device = device
+        self.settings = parts.synthesis
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path | None = None, device: str = "cpu") -> "CosyTTS":
+        """Load a model dir made by `cosy pack` (default: the installed default model)."""
+        if directory is None:
+            if not DEFAULT_MODEL_DIR.is_dir():
+                raise CosyError(f"no default model is installed ({DEFAULT_MODEL_DIR} does not exist): "
+                                "pass --model-dir DIR (a directory made by `cosy pack`)")
+            directory = DEFAULT_MODEL_DIR
+        if not Path(directory).is_dir():
+            raise CosyError(f"--model-dir {directory}: not a directory")
+        return cls(load(directory, device), device)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.parts.vocoder.mel.sample_rate
+
+    # ------------------------------------------------------------------ inputs
+
+    def sentences(self, text: str) -> list[list[int]]:
+        """Text ids of each speakable sentence of `text`; CosyError when there is none."""
+        from cosy.text.normalise import detect_lang, normalise
+        from cosy.text.split import split_sentences
+
+        if not isinstance(text, str) or not text.strip():
+            raise CosyError("text is empty: give some words to speak")
+        lang = detect_lang(text) if self.settings.lang == "auto" else self.settings.lang
+        spoken = [normalise(piece, lang) for piece in split_sentences(text, lang)]
+        ids = [self.parts.text_tokenizer.encode(s) for s in spoken if any(ch.isalnum() for ch in s)]
+        ids = [i for i in ids if i]
+        if not ids:
+            raise CosyError(f"text {text[:60]!r} has nothing speakable after normalisation (no letters or digits)")
+        return ids
+
+    def prompt(self, wav: AudioSource, text: str | None = None) -> Prompt:
+        """Analyse a prompt recording; CosyError when it is unusable (too short, silent, unreadable)."""
+        s = self.settings
+        samples, rate, name = read_audio(wav, "prompt")
+        seconds = len(samples) / rate
+        if seconds < s.min_prompt_seconds:
+            raise CosyError(f"prompt {name} is {seconds:.2f} s long; it must be at least {s.min_prompt_seconds:g} s")
+        if float(np.abs(samples).max()) < SILENCE_PEAK:
+            raise CosyError(f"prompt {name} is silent (peak below {SILENCE_PEAK:g}): record some speech")
+        if seconds > s.max_prompt_seconds:
+            warnings.warn(f"prompt {name} is {seconds:.1f} s long; using its first {s.max_prompt_seconds:g} s",
+                          stacklevel=2)
+            samples = samples[:int(s.max_prompt_seconds * rate)]
+        from cosy.flow.task import align
+        from cosy.speaker.features import SAMPLE_RATE, fbank_features
+
+        flow = self.parts.flow
+        tokens = self.speech_tokens_of(samples, rate)
+        embedding = self.parts.speaker(fbank_features(resample(samples, rate, SAMPLE_RATE),
+                                                      self.parts.speaker.feat_dim))
+        audio = torch.from_numpy(resample(samples, rate, flow.cfg.mel.sample_rate))[None]
+        mel = mel_spectrogram(audio, flow.cfg.mel)[0]
+        tokens, mel = align(tokens, mel, flow.cfg)
+        ids = [] if text is None or not text.strip() else \
+            encode_prompt_text(self.parts.text_tokenizer, text, self.settings.lang, self._text_vocab())
+        return Prompt(tokens.to(self.device), mel.to(self.device),
+                      torch.as_tensor(embedding, dtype=torch.float32).to(self.device), ids)
+
+    def speech_tokens_of(self, samples: np.ndarray, rate: int) -> torch.Tensor:
+        """Speech tokens (n,) long of mono audio; longer than the tokenizer's limit goes in windows."""
+        from cosy.tokenizer.extract import Features, tokenize_stream
+
+        backend = self.parts.tokenizer
+        wave = torch.from_numpy(resample(samples, rate, backend.mel.sample_rate))[None]
+        feats = whisper_log_mel(wave, backend.mel)[0]
+        (_, tokens), = tokenize_stream(backend, [Features("audio", feats)], batch_size=4)
+        return torch.from_numpy(tokens.astype(np.int64))
+
+    def _text_vocab(self) -> int:
+        llm = self.parts.llm
+        return llm.cfg.text_vocab if llm.uses_speaker else llm.lm.model.get_input_embeddings().num_embeddings
+
+    # --------------------------------------------------------------- synthesis
+
+    def synthesize(self, text: str, prompt_wav: AudioSource, prompt_text: str | None = None,
+                   speed: float = 1.0, seed: int | None = None) -> tuple[np.ndarray, int]:
+        """Speak `text` in the voice of `prompt_wav` -> (float32 waveform, sample rate)."""
+        waves = self.synthesize_batch([text], prompt_wav, prompt_text, speed, seed)
+        return waves[0], self.sample_rate
+
+    def synthesize_batch(self, texts: Sequence[str], prompt_wav: AudioSource | Sequence[AudioSource],
+                         prompt_text: str | None | Sequence[str | None] = None, speed: float = 1.0,
+                         seed: int | None = None) -> list[np.ndarray]:
+        """Several texts at once (the LM decodes up to `synthesis.batch_size` sentences
+        together). `prompt_wav` / `prompt_text` are one for all texts or a list with one per
+        text; a prompt may also be a `Prompt` from `self.prompt`, whose transcript it carries.
+        Returns one float32 waveform per text at `self.sample_rate`."""
+        texts = list(texts)
+        wavs = list(prompt_wav) if isinstance(prompt_wav, list) else [prompt_wav] * len(texts)
+        prompt_texts = list(prompt_text) if isinstance(prompt_text, list) else [prompt_text] * len(texts)
+        if not (len(wavs) == len(prompt_texts) == len(texts)):
+            raise CosyError(f"got {len(texts)} texts, {len(wavs)} prompt wavs and {len(prompt_texts)} prompt texts")
+        _check_speed(speed)
+        cache: dict[tuple, Prompt] = {}
+
+        def prompt_for(wav, ptext) -> Prompt:
+            if isinstance(wav, Prompt):
+                return wav
+            key = (str(wav), ptext) if isinstance(wav, (str, Path)) else (id(wav), ptext)
+            if key not in cache:
+                cache[key] = self.prompt(wav, ptext)
+            return cache[key]
+
+        rows = []  # (text index, sentence ids, prompt)
+        for index, (text, wav, ptext) in enumerate(zip(texts, wavs, prompt_texts)):
+            sentences = self.sentences(text)
+            prompt = prompt_for(wav, ptext)
+            rows += [(index, ids, prompt) for ids in sentences]
+        pieces: list[list[np.ndarray]] = [[] for _ in texts]
+        with _seeded(seed):
+            size = max(1, self.settings.batch_size)
+            for start in range(0, len(rows), size):
+                batch = rows[start:start + size]
+                tokens = self.generate_tokens([r[1] for r in batch], [r[2] for r in batch], seed)
+                waves = self.render([(t, r[2]) for t, r in zip(tokens, batch)], speed)
+                for (index, _, _), wave in zip(batch, waves):
+                    pieces[index].append(wave)
+        return [self._join(p) for p in pieces]
+
+    def generate_tokens(self, texts: list[list[int]], prompts: list[Prompt], seed: int | None = None) -> list[list[int]]:
+        """Speech tokens of each text id list, decoded by the LM as one batch."""
+        from cosy.llm.decode import generate
+
+        return generate(self.parts.llm, **self._lm_inputs(texts, prompts), seed=seed)
+
+    def _lm_inputs(self, texts: list[list[int]], prompts: list[Prompt]) -> dict:
+        def padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            lengths = torch.tensor([len(r) for r in rows], device=self.device)
+            if not int(lengths.max()):
+                return torch.zeros(len(rows), 0, dtype=torch.long, device=self.device), lengths
+            return pad_sequence(rows, batch_first=True).to(self.device), lengths
+
+        text, text_len = padded([torch.tensor(t, dtype=torch.long) for t in texts])
+        prompt_text, prompt_text_len = padded([torch.tensor(p.text, dtype=torch.long) for p in prompts])
+        # without a transcript the prompt's speech tokens would have nothing to continue
+        speech, speech_len = padded([p.tokens.cpu() if p.text else p.tokens.new_zeros(0).cpu() for p in prompts])
+        return {"text": text, "text_len": text_len, "prompt_text": prompt_text, "prompt_text_len": prompt_text_len,
+                "prompt_speech": speech, "prompt_speech_len": speech_len,
+                "embedding": torch.stack([p.embedding for p in prompts])}
+
+    @torch.inference_mode()
+    def render(self, items: list[tuple[list[int], Prompt]], speed: float = 1.0) -> list[np.ndarray]:
+        """(speech tokens, prompt) pairs -> waveforms: the flow decodes each one, the
+        vocoder all of them as one padded batch."""
+        flow = self.parts.flow
+        mels = []
+        for tokens, prompt in items:
+            if not tokens:
+                mels.append(prompt.mel.new_zeros(flow.cfg.n_mels, 0))
+                continue
+            target = torch.tensor([tokens], dtype=torch.long, device=self.device)
+            mels.append(flow.inference(target, prompt.tokens[None], prompt.mel[None], prompt.embedding[None],
+                                       speed)[0])
+        lengths = torch.tensor([m.shape[1] for m in mels], device=self.device)
+        if not int(lengths.max()):
+            return [np.zeros(0, dtype=np.float32) for _ in items]
+        batch = pad_sequence([m.T for m in mels], batch_first=True).transpose(1, 2)
+        waves, _ = self.parts.vocoder(batch, lengths)
+        hop = self.parts.vocoder.hop
+        return [waves[i, :int(n) * hop].float().cpu().numpy() for i, n in enumerate(lengths)]
+
+    def _join(self, pieces: list[np.ndarray]) -> np.ndarray:
+        pause = np.zeros(int(self.settings.pause_seconds * self.sample_rate), dtype=np.float32)
+        out = [pieces[0]]
+        for piece in pieces[1:]:
+            out += [pause, piece]
+        return np.concatenate(out).astype(np.float32)
+
+    def stream(self, text: str, prompt_wav: AudioSource, prompt_text: str | None = None, speed: float = 1.0,
+               seed: int | None = None) -> Iterator[np.ndarray]:
+        """Float32 audio chunks of `text` as they are made: each LM token goes straight on
+        to chunked flow decoding and the streaming vocoder, so the first chunk comes long
+        before the LM finishes. Sentences follow one another with a short pause."""
+        _check_speed(speed)
+        sentences = self.sentences(text)
+        prompt = self.prompt(prompt_wav, prompt_text)
+        pause = np.zeros(int(self.settings.pause_seconds * self.sample_rate), dtype=np.float32)
+        with _seeded(seed):
+            for i, ids in enumerate(sentences):
+                if i:
+                    yield pause
+                yield from self._stream_sentence(ids, prompt, speed, seed)
+
+    def _stream_sentence(self, ids: list[int], prompt: Prompt, speed: float, seed: int | None) -> Iterator[np.ndarray]:
+        from cosy.llm.decode import stream
+
+        llm, s = self.parts.llm, self.settings
+        tokens = (int(step[0]) for step in stream(llm, **self._lm_inputs([ids], [prompt]), seed=seed)
+                  if int(step[0]) >= 0)
+        decoder = mel_stream(self.parts.flow, prompt.tokens[None], prompt.mel[None], prompt.embedding[None], speed,
+                             math.floor(len(ids) * llm.cfg.max_token_text_ratio) + 1, s.stream_chunk_tokens,
+                             s.stream_holdback_tokens)
+        yield from stream_audio(tokens, decoder, self.parts.vocoder)
+
+    @torch.inference_mode()
+    def convert(self, source_wav: AudioSource, prompt_wav: AudioSource, speed: float = 1.0,
+                seed: int | None = None) -> tuple[np.ndarray, int]:
+        """Voice conversion: the words of `source_wav` in the voice of `prompt_wav`."""
+        _check_speed(speed)
+        samples, rate, name = read_audio(source_wav, "source")
+        if float(np.abs(samples).max()) < SILENCE_PEAK:
+            raise CosyError(f"source {name} is silent (peak below {SILENCE_PEAK:g})")
+        prompt = self.prompt(prompt_wav)
+        tokens = self.speech_tokens_of(samples, rate)
+        if tokens.numel() == 0:
+            raise CosyError(f"source {name} is too short to give any speech tokens")
+        if int(tokens.max()) >= self.parts.flow.cfg.vocab_size:
+            raise CosyError(f"the speech tokenizer gave token {int(tokens.max())}, outside the flow decoder's "
+                            f"vocabulary of {self.parts.flow.cfg.vocab_size} (flow/config.yaml model.vocab_size)")
+        with _seeded(seed):
+            wave, = self.render([(tokens.tolist(), prompt)], speed)
+        return wave, self.sample_rate
+
+
+def _check_speed(speed: float) -> None:
+    if not (isinstance(speed, (int, float)) and 0.25 <= speed <= 4.0):
+        raise CosyError(f"speed must be between 0.25 and 4, got {speed!r}")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None):
+    """Seed torch's global generator (flow noise, vocoder phases) and restore it afterwards."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield

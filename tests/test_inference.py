@@ -1,0 +1,317 @@
+"""Model dirs, `cosy pack`, `cosy synthesize`, `cosy vc`, CosyTTS, streaming, `cosy bench`.
+
+Every test uses one tiny randomly initialised system packed once per session.
+"""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from cosy.bench import synthetic_prompt, write_random_experiments, write_text_tokenizer
+from cosy.cli import main as cli_main
+from cosy.errors import CosyError
+from cosy.inference import CosyTTS, pack
+from cosy.inference.model_dir import PARTS, resolve_source
+from cosy.inference.pipeline import encode_prompt_text
+from cosy.train.checkpoint import Entry, save_weights
+
+TEXT = "Hello there, this is a small test of the speech system."
+HOP = 256
+RATE = 22050
+
+
+@pytest.fixture(scope="session")
+def system(tmp_path_factory):
+    root = tmp_path_factory.mktemp("system")
+    dirs = write_random_experiments(root / "exp", "tiny")
+    tokenizer = write_text_tokenizer(root / "tokenizer.json")
+    model_dir = pack(dirs, tokenizer, root / "model")
+    samples, rate = synthetic_prompt(3.0)
+    prompt = root / "prompt.wav"
+    sf.write(prompt, samples, rate)
+    return {"root": root, "dirs": dirs, "tokenizer": tokenizer, "model": model_dir, "prompt": prompt,
+            "tts": CosyTTS.from_pretrained(model_dir)}
+
+
+def cli(*args):
+    return cli_main([str(a) for a in args])
+
+
+def audio_bounds(tts, text):
+    """Shortest and longest output (seconds) the LM's length limits allow for `text`."""
+    lengths = [len(ids) for ids in tts.sentences(text)]
+    cfg = tts.parts.llm.cfg
+    pauses = (len(lengths) - 1) * tts.settings.pause_seconds
+    per_token = 1 / tts.parts.flow.cfg.token_rate
+    low = sum(math.floor(n * cfg.min_token_text_ratio) for n in lengths) * per_token + pauses
+    high = sum(math.floor(n * cfg.max_token_text_ratio) for n in lengths) * per_token + pauses
+    return low - 0.05, high + 0.05
+
+
+# ---------------------------------------------------------------------------- pack / load
+
+
+def test_pack_writes_every_part_and_manifest(system):
+    model = system["model"]
+    config = yaml.safe_load((model / "config.yaml").read_text())
+    for part in PARTS:
+        assert (model / config[part]).is_file()
+        assert yaml.safe_load((model / part / "config.yaml").read_text())["task"] == part
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert manifest["sample_rate"] == RATE and manifest["token_rate"] == 50.0
+    assert manifest["mel"]["hop_length"] == HOP and manifest["speech_vocab"] == 64
+    assert manifest["sources"]["llm"] == str((system["dirs"]["llm"] / "model.safetensors").resolve())
+    # the vocoder's discriminator is a training-only part and is not carried over
+    from safetensors.torch import load_file
+    assert not any(k.startswith("discriminator") for k in load_file(model / "vocoder/model.safetensors"))
+
+
+def test_pack_takes_the_best_indexed_checkpoint(system, tmp_path):
+    exp = tmp_path / "llm"
+    shutil.copytree(system["dirs"]["llm"], exp)
+    weights = (exp / "model.safetensors").read_bytes()
+    (exp / "model.safetensors").unlink()
+    for step in (10, 20, 30):
+        (exp / f"step_{step}.safetensors").write_bytes(weights)
+    index = [{"step": 10, "epoch": 0, "cv_loss": 3.0}, {"step": 20, "epoch": 1, "cv_loss": 2.0},
+             {"step": 30, "epoch": 2, "cv_loss": 2.5}]
+    (exp / "checkpoints.yaml").write_text(yaml.safe_dump(index))
+    assert resolve_source("llm", exp) == (exp / Entry(20, 1, 2.0).weights, exp / "config.yaml")
+    (exp / "model.safetensors").write_bytes(weights)  # what `cosy average --out` writes wins
+    assert resolve_source("llm", exp)[0] == exp / "model.safetensors"
+
+
+@pytest.mark.parametrize("part, override, message", [
+    ("llm", {"speech_vocab": 32}, "speech tokenizer has 64 codes but the LLM"),
+    ("flow", {"spk_dim": 32}, "the flow decoder (flow/config.yaml model.spk_dim) expects 32"),
+    ("vocoder", {"mel": {"fmax": 7600.0}}, "vocoder's mel settings (vocoder/config.yaml model.mel) differ from the "
+                                           "flow decoder's in fmax"),
+    ("llm", {"text_vocab": 280}, "the text tokenizer has 300 tokens but the LLM"),
+])
+def test_pack_names_the_part_that_does_not_fit(system, tmp_path, part, override, message):
+    dirs = dict(system["dirs"])
+    dirs.update(write_random_experiments(tmp_path / "exp", "tiny", overrides={part: override}, parts=(part,)))
+    with pytest.raises(CosyError) as err:
+        pack(dirs, system["tokenizer"], tmp_path / "model")
+    assert message in str(err.value)
+    assert not (tmp_path / "model").exists() and not list(tmp_path.glob(".model.*"))
+
+
+def test_pack_cli_errors(system, tmp_path, capsys):
+    args = [f"--{p}={system['dirs'][p]}" for p in PARTS]
+    assert cli("pack", *args, "--text-tokenizer", system["tokenizer"], "--out", system["model"]) == 1
+    assert "exists and is not an empty directory" in capsys.readouterr().err
+    bad = [a if not a.startswith("--flow") else f"--flow={tmp_path / 'nothing'}" for a in args]
+    assert cli("pack", *bad, "--text-tokenizer", system["tokenizer"], "--out", tmp_path / "m") == 1
+    err = capsys.readouterr().err
+    assert "--flow" in err and "no such file or directory" in err
+    onnx = tmp_path / "llm.onnx"
+    onnx.write_bytes(b"x")
+    bad = [a if not a.startswith("--llm") else f"--llm={onnx}" for a in args]
+    assert cli("pack", *bad, "--text-tokenizer", system["tokenizer"], "--out", tmp_path / "m") == 1
+    assert "only the tokenizer and speaker encoder may be ONNX" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- synthesis
+
+
+def test_synthesize_cli_writes_a_wav_of_plausible_length(system, tmp_path, capsys):
+    out = tmp_path / "out.wav"
+    assert cli("synthesize", "--text", TEXT, "--prompt-wav", system["prompt"], "--model-dir", system["model"],
+               "--out", out, "--seed", 1) == 0
+    wave, rate = sf.read(out)
+    low, high = audio_bounds(system["tts"], TEXT)
+    assert rate == RATE and wave.ndim == 1
+    assert low <= len(wave) / rate <= high
+    assert len(wave) % HOP == 0 and np.abs(wave).max() > 0
+
+
+def test_stream_gives_the_offline_length_and_seed_fixes_samples(system, tmp_path):
+    common = ["--text", TEXT, "--prompt-wav", system["prompt"], "--model-dir", system["model"], "--seed", 7]
+    for name, extra in (("a", []), ("b", []), ("s", ["--stream"])):
+        assert cli("synthesize", *common, "--out", tmp_path / f"{name}.wav", *extra) == 0
+    a, b, s = (sf.read(tmp_path / f"{n}.wav", dtype="int16")[0] for n in "abs")
+    assert np.array_equal(a, b)
+    assert len(s) == len(a)
+    c, _ = system["tts"].synthesize(TEXT, system["prompt"], seed=8)
+    assert not np.array_equal(c[:len(a)] if len(c) >= len(a) else c, a[:len(c)] / 32768.0)
+
+
+def test_first_stream_chunk_comes_before_the_lm_finishes(system, monkeypatch):
+    import cosy.llm.decode as decode
+
+    original, state = decode.stream, {"finished": False}
+
+    def watched(*args, **kwargs):
+        yield from original(*args, **kwargs)
+        state["finished"] = True
+
+    monkeypatch.setattr(decode, "stream", watched)
+    tts = system["tts"]
+    chunks = tts.stream(TEXT + " " + TEXT, system["prompt"], seed=3)
+    first = next(chunks)
+    assert len(first) > 0 and not state["finished"]
+    rest = list(chunks)
+    assert state["finished"] and rest
+
+
+def test_long_text_is_split_and_joined_with_pauses(system):
+    tts = system["tts"]
+    text = "This is the first sentence of the test. Here comes the second sentence, a bit longer."
+    assert len(tts.sentences(text)) == 2
+    wave, rate = tts.synthesize(text, system["prompt"], seed=2)
+    low, high = audio_bounds(tts, text)
+    assert low <= len(wave) / rate <= high
+    assert wave.dtype == np.float32
+
+
+def test_prompt_text_prefixes_the_lm(system):
+    tts = system["tts"]
+    with_text = tts.prompt(system["prompt"], "A prompt recording says hello.")
+    assert with_text.text and len(with_text.tokens) > 0
+    inputs = tts._lm_inputs(tts.sentences(TEXT), [with_text])
+    assert int(inputs["prompt_speech_len"][0]) == len(with_text.tokens)
+    assert int(inputs["prompt_text_len"][0]) == len(with_text.text)
+    plain = tts._lm_inputs(tts.sentences(TEXT), [tts.prompt(system["prompt"])])
+    assert int(plain["prompt_speech_len"][0]) == 0 and int(plain["prompt_text_len"][0]) == 0
+    wave, _ = tts.synthesize(TEXT, system["prompt"], "A prompt recording says hello.", seed=0)
+    assert len(wave) > 0
+
+
+def test_prompt_text_the_tokenizer_cannot_encode_is_dropped_with_a_warning():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from cosy.text.bpe import TextTokenizer
+    from cosy.text.symbols import UNK
+
+    words = Tokenizer(models.WordLevel({UNK: 0, "hello": 1, "world": 2}, unk_token=UNK))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = TextTokenizer(words)
+    assert encode_prompt_text(tokenizer, "hello world", "en", 10) == [1, 2]
+    with pytest.warns(UserWarning, match="cannot encode the prompt text"):
+        assert encode_prompt_text(tokenizer, "hello Здравствуйте", "en", 10) == []
+    with pytest.warns(UserWarning, match="cannot encode"):
+        assert encode_prompt_text(tokenizer, "hello world", "en", 2) == []  # id 2 beyond the LM's table
+
+
+def test_stereo_prompt_at_any_rate_and_long_prompt_trimmed(system):
+    tts = system["tts"]
+    samples, rate = synthetic_prompt(2.0, 44100)
+    stereo = np.stack([samples, 0.5 * samples], axis=1)
+    prompt = tts.prompt((stereo, rate))
+    frames_per_second = RATE / HOP
+    # alignment to whole speech tokens may crop up to two tokens (3.4 frames)
+    assert abs(prompt.mel.shape[1] - 2.0 * frames_per_second) <= 4
+    long, rate = synthetic_prompt(31.0, 8000)
+    with pytest.warns(UserWarning, match="using its first 30 s"):
+        trimmed = tts.prompt((long, rate))
+    assert abs(trimmed.mel.shape[1] - 30.0 * frames_per_second) <= 4
+
+
+def _bad_prompts(tmp_path):
+    short, rate = synthetic_prompt(0.5)
+    sf.write(tmp_path / "short.wav", short, rate)
+    sf.write(tmp_path / "silent.wav", np.zeros(3 * rate, dtype=np.float32), rate)
+    (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunkjunkjunk")
+    (tmp_path / "notes.txt").write_text("this is not audio\n")
+    return {
+        "missing": (tmp_path / "missing.wav", "audio file not found"),
+        "corrupt": (tmp_path / "corrupt.wav", "cannot read audio"),
+        "not audio": (tmp_path / "notes.txt", "cannot read audio"),
+        "silent": (tmp_path / "silent.wav", "is silent"),
+        "short": (tmp_path / "short.wav", "0.50 s long; it must be at least 1 s"),
+    }
+
+
+def test_bad_input_gives_a_specific_message_and_exit_code(system, tmp_path, capsys):
+    base = ["--model-dir", system["model"], "--out", tmp_path / "x.wav"]
+    cases = [(["--text", "   \t ", "--prompt-wav", system["prompt"]], "text is empty"),
+             (["--text", "?! ... -- !", "--prompt-wav", system["prompt"]], "nothing speakable after normalisation")]
+    for name, (path, message) in _bad_prompts(tmp_path).items():
+        cases.append((["--text", TEXT, "--prompt-wav", path], message))
+    for args, message in cases:
+        assert cli("synthesize", *args, *base) == 1, message
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("cosy synthesize: error:"), (message, err)
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_no_default_model_says_to_pass_model_dir(system, tmp_path, capsys):
+    assert cli("synthesize", "--text", TEXT, "--prompt-wav", system["prompt"], "--out", tmp_path / "x.wav") == 1
+    err = capsys.readouterr().err
+    assert "no default model is installed" in err and "--model-dir" in err
+
+
+def test_text_file_and_manifest_write_one_wav_per_line(system, tmp_path, capsys):
+    lines = ["The first line of the file is here.", "", "A second line follows it.", "And the third one ends it."]
+    (tmp_path / "lines.txt").write_text("\n".join(lines) + "\n")
+    assert cli("synthesize", "--text-file", tmp_path / "lines.txt", "--prompt-wav", system["prompt"],
+               "--model-dir", system["model"], "--out-dir", tmp_path / "lines", "--seed", 0) == 0
+    assert sorted(p.name for p in (tmp_path / "lines").iterdir()) == ["0001.wav", "0003.wav", "0004.wav"]
+    for number in (1, 3, 4):
+        wave, rate = sf.read(tmp_path / "lines" / f"{number:04d}.wav")
+        low, high = audio_bounds(system["tts"], lines[number - 1])
+        assert low <= len(wave) / rate <= high
+    bad = _bad_prompts(tmp_path)
+    shutil.copy(system["prompt"], tmp_path / "voice.wav")
+    manifest = tmp_path / "list.tsv"
+    manifest.write_text(f"u1\t{lines[0]}\tvoice.wav\n"
+                        f"u2\t{lines[2]}\t{bad['silent'][0]}\n"
+                        f"u3\t{lines[3]}\t{system['prompt']}\tA prompt recording says hello.\n")
+    capsys.readouterr()
+    assert cli("synthesize", "--manifest", manifest, "--model-dir", system["model"], "--out-dir",
+               tmp_path / "m") == 0
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["u1.wav", "u3.wav"]
+    assert "skipped 1: u2" in capsys.readouterr().out
+    manifest.write_text("u1 only two\tfields\n")
+    assert cli("synthesize", "--manifest", manifest, "--model-dir", system["model"], "--out-dir", tmp_path) == 1
+    assert "line 1: expected utt<TAB>text<TAB>prompt_wav" in capsys.readouterr().err
+
+
+def test_batch_api_returns_one_wave_per_text(system):
+    tts = system["tts"]
+    texts = ["One short sentence to say here.", "Another sentence, said in the same voice."]
+    waves = tts.synthesize_batch(texts, system["prompt"], seed=0)
+    assert len(waves) == 2
+    for text, wave in zip(texts, waves):
+        low, high = audio_bounds(tts, text)
+        assert low <= len(wave) / tts.sample_rate <= high
+    with pytest.raises(CosyError, match="got 2 texts, 3 prompt wavs"):
+        tts.synthesize_batch(texts, [system["prompt"]] * 3)
+
+
+def test_voice_conversion_keeps_the_source_length(system, tmp_path, capsys):
+    source, rate = synthetic_prompt(2.0, 24000)
+    sf.write(tmp_path / "source.wav", source, rate)
+    for verb in ("vc", "convert"):
+        out = tmp_path / f"{verb}.wav"
+        assert cli(verb, "--source-wav", tmp_path / "source.wav", "--prompt-wav", system["prompt"],
+                   "--model-dir", system["model"], "--out", out, "--seed", 0) == 0
+        wave, out_rate = sf.read(out)
+        assert out_rate == RATE and abs(len(wave) / out_rate - 2.0) < 0.03  # within a few mel frames
+    assert cli("vc", "--source-wav", tmp_path / "none.wav", "--prompt-wav", system["prompt"],
+               "--model-dir", system["model"], "--out", tmp_path / "x.wav") == 1
+    assert "audio file not found" in capsys.readouterr().err
+
+
+def test_bench_prints_a_table_and_json(system, tmp_path, capsys):
+    assert cli("bench", "--model-dir", system["model"], "--json", tmp_path / "bench.json") == 0
+    out = capsys.readouterr().out
+    assert "offline RTF" in out and "streaming first chunk" in out
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["rtf"] > 0 and result["lm_tokens_per_second"] > 0 and result["peak_rss_mb"] > 0
+    assert 0 < result["stream_first_chunk_seconds"] and result["lm_tokens"] > 0
+
+
+def test_import_cosy_stays_light():
+    code = "import sys, cosy; assert 'torch' not in sys.modules; print(cosy.CosyTTS.__name__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "CosyTTS"
