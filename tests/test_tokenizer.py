@@ -300,7 +300,8 @@ def test_extract_batched_equals_one_by_one_and_skips_bad_audio(trained, tmp_path
 def test_extract_cli_writes_int32_tokens_and_merges_parts(trained, tmp_path):
     ckpt, _ = trained
     make_data_dir(tmp_path, durations=(0.5, 0.7, 0.6))
-    assert cli_main(["extract", "tokens", "--data", str(tmp_path), "--tokenizer", str(ckpt), "--batch-size", "2"]) == 0
+    assert cli_main(["extract", "tokens", "--data", str(tmp_path), "--tokenizer", str(ckpt), "--batch-size", "2",
+                     "--num-workers", "2"]) == 0
     written = load_file(str(tmp_path / "utt2speech_token.safetensors"))
     assert sorted(written) == DataDir.load(tmp_path).utts
     # utt00 0.5 s, utt01 0.7 s, utt02 0.6 s -> 50, 70, 60 frames -> 25, 35, 30 tokens at 50 Hz

@@ -154,11 +154,15 @@ class FeatureDataset(Dataset):
         return Features(utt, feats)
 
 
+def _as_is(item: Features) -> Features:
+    return item
+
+
 def iterate_features(wavs: dict[str, str], utts: list[str], mel: WhisperMelConfig,
                      num_workers: int = 0) -> Iterator[Features]:
     """Log-mel of each utterance, in order, computed by `num_workers` loader processes."""
     loader = DataLoader(FeatureDataset(wavs, utts, mel), batch_size=None, num_workers=num_workers,
-                        collate_fn=lambda item: item)
+                        collate_fn=_as_is)
     yield from loader
 
 
