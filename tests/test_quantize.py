@@ -140,3 +140,17 @@ def test_codebook_usage_statistics():
     assert stats["perplexity"] == pytest.approx(4.0, abs=1e-9)
     skewed = codebook_usage(torch.tensor([0] * 9 + [1]), codebook_size=2)
     assert 0 < skewed["entropy_bits"] < 1
+
+
+def test_vq_statistics_stay_float32_under_autocast():
+    torch.manual_seed(0)
+    vq = VQ(dim=64, cfg=QuantizerConfig(kind="vq", codebook_size=512))
+    vq.train()
+    x = torch.randn(4, 100, 64)  # enough near-ties that a bf16 lookup would pick other codes
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, codes, losses = vq(x)
+    assert vq.embed.dtype == torch.float32 and losses["commit"].dtype == torch.float32
+    # the lookup is the exact float32 nearest neighbour of the (pre-update) codebook
+    torch.manual_seed(0)
+    reference = VQ(dim=64, cfg=QuantizerConfig(kind="vq", codebook_size=512))
+    assert codes.equal(reference.encode(x))

@@ -122,11 +122,12 @@ class FSQ(Quantizer):
         return h / (self.levels // 2).clamp(min=1).to(h.dtype)
 
     def forward(self, x, mask=None):
-        h = self._round(self.down(x))
+        # float32 even under autocast: bf16 cannot place tanh values near a rounding edge
+        h = self._round(self.down(x).float())
         return self.up(self._scale(h)), self._digits_to_index(h.detach()), {}
 
     def encode(self, x):
-        return self._digits_to_index(self._round(self.down(x)))
+        return self._digits_to_index(self._round(self.down(x).float()))
 
     def decode(self, indices):
         return self.up(self._scale(self._index_to_digits(indices)))
@@ -160,11 +161,13 @@ class VQ(Quantizer):
 
     def _nearest(self, z: Tensor) -> Tensor:
         """z: (n, code_dim) -> code index (n,)."""
-        dist2 = z.pow(2).sum(-1, keepdim=True) - 2 * z @ self.embed.t() + self.embed.pow(2).sum(-1)
+        with torch.autocast(z.device.type, enabled=False):
+            dist2 = z.pow(2).sum(-1, keepdim=True) - 2 * z @ self.embed.t() + self.embed.pow(2).sum(-1)
         return dist2.argmin(-1)
 
     def forward(self, x, mask=None):
-        z = self._norm(self.down(x))
+        # distances and EMA statistics in float32, also under autocast
+        z = self._norm(self.down(x).float())
         flat = z.reshape(-1, z.shape[-1])
         indices = self._nearest(flat.detach())
         valid = torch.ones(flat.shape[0], dtype=torch.bool, device=x.device) if mask is None else mask.reshape(-1)
@@ -181,7 +184,8 @@ class VQ(Quantizer):
         """EMA step on (n, code_dim) vectors with their codes, then dead-code re-initialisation."""
         onehot = F.one_hot(indices, self.codebook_size).to(z.dtype)
         counts = onehot.sum(0)
-        sums = onehot.t() @ z
+        with torch.autocast(z.device.type, enabled=False):
+            sums = onehot.t() @ z
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(counts)
             dist.all_reduce(sums)
@@ -210,7 +214,7 @@ class VQ(Quantizer):
                 dist.broadcast(buf, 0)
 
     def encode(self, x):
-        z = self._norm(self.down(x))
+        z = self._norm(self.down(x).float())
         return self._nearest(z.reshape(-1, z.shape[-1])).view(z.shape[:-1])
 
     def decode(self, indices):
