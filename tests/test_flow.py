@@ -122,6 +122,18 @@ def test_speed_and_seeded_noise():
     assert not torch.allclose(run(3), run(4))
 
 
+def test_bad_inference_inputs_are_named():
+    model = FlowModel(tiny()).eval()
+    ok = dict(tokens=torch.randint(0, 32, (1, 6)), prompt_tokens=torch.randint(0, 32, (1, 2)),
+              prompt_feat=torch.randn(1, 16, 4), embedding=torch.randn(1, 8))
+    for key, bad, message in [("tokens", torch.full((1, 6), 32), "model.vocab_size"),
+                              ("prompt_feat", torch.randn(1, 20, 4), "model.mel.n_mels"),
+                              ("embedding", torch.randn(1, 5), "model.spk_dim")]:
+        with pytest.raises(CosyError, match=message.replace(".", r"\.")):
+            model.inference(**{**ok, key: bad})
+    assert model.inference(**{**ok, "tokens": ok["tokens"][:, :0]}).shape == (1, 16, 0)
+
+
 # ---------------------------------------------------------------------- streaming
 @pytest.mark.parametrize("left_chunks", [1, -1])
 def test_streaming_equals_offline_causal_model(left_chunks):

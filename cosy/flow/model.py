@@ -184,6 +184,9 @@ class FlowModel(nn.Module):
         without the prompt part.
         """
         cfg = self.cfg
+        self._check_inputs(tokens, prompt_tokens, prompt_feat, embedding)
+        if cfg.frames_for(tokens.shape[1], speed) == 0:
+            return prompt_feat.new_zeros(1, cfg.n_mels, 0)
         if cfg.causal:
             if speed != 1.0:
                 raise CosyError("speed must be 1.0 for a causal flow model (fixed frames per token)")
@@ -200,6 +203,18 @@ class FlowModel(nn.Module):
         field = guided(self.estimator, cfg.cfm.guidance)
         mel = euler(field, noise, mask, mu, self.speaker(embedding), cond, cfg.cfm)
         return mel[:, :, f1:]
+
+    def _check_inputs(self, tokens: torch.Tensor, prompt_tokens: torch.Tensor, prompt_feat: torch.Tensor,
+                      embedding: torch.Tensor) -> None:
+        cfg = self.cfg
+        for name, ids in (("tokens", tokens), ("prompt_tokens", prompt_tokens)):
+            if ids.numel() and int(ids.max()) >= cfg.vocab_size:
+                raise CosyError(f"{name} hold id {int(ids.max())}, outside model.vocab_size = {cfg.vocab_size}")
+        if prompt_feat.dim() != 3 or prompt_feat.shape[1] != cfg.n_mels:
+            raise CosyError(f"prompt_feat must be (1, {cfg.n_mels}, frames) (model.mel.n_mels), "
+                            f"got {tuple(prompt_feat.shape)}")
+        if embedding.shape[-1] != cfg.spk_dim:
+            raise CosyError(f"speaker embedding has {embedding.shape[-1]} values, model.spk_dim is {cfg.spk_dim}")
 
     def _causal_prompt(self, prompt_tokens: torch.Tensor, prompt_feat: torch.Tensor) -> torch.Tensor:
         need = prompt_tokens.shape[1] * self.cfg.ratio
@@ -237,6 +252,7 @@ class FlowStream:
         if not cfg.causal:
             raise CosyError("streaming needs a causal flow model (model.causal: true)")
         self.model, self.cfg = model, cfg
+        model._check_inputs(prompt_tokens, prompt_tokens, prompt_feat, embedding)
         self.prompt_feat = model._causal_prompt(prompt_tokens, prompt_feat)
         self.tokens = prompt_tokens[0].long()
         self.spk = model.speaker(embedding)
@@ -253,6 +269,8 @@ class FlowStream:
     @torch.inference_mode()
     def push(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (1, n) -> mel (1, n_mels, frames) of every chunk now complete."""
+        if tokens.numel() and int(tokens.max()) >= self.cfg.vocab_size:
+            raise CosyError(f"tokens hold id {int(tokens.max())}, outside model.vocab_size = {self.cfg.vocab_size}")
         self.tokens = torch.cat([self.tokens, tokens[0].long().to(self.tokens.device)])
         if len(self.tokens) > self.max_tokens:
             raise CosyError(f"stream holds {len(self.tokens)} tokens (prompt included), more than its "
