@@ -63,7 +63,8 @@ def speaker_embedders(speaker_model: str | None) -> dict[str, Embedder]:
         from cosy.speaker.features import SAMPLE_RATE, fbank_features
 
         encoder = load_speaker_encoder(speaker_model)
-        embedders["cosy"] = lambda x, sr: _unit(encoder(fbank_features(resample(x, sr, SAMPLE_RATE))))
+        embedders["cosy"] = lambda x, sr: _unit(
+            encoder(fbank_features(resample(x, sr, SAMPLE_RATE), encoder.feat_dim)))
     return embedders
 
 
