@@ -61,6 +61,8 @@ def load_model(source: str | Path, config: str | Path | None = None) -> FlowMode
     """A FlowModel from a checkpoint (config from `config`, or config.yaml beside it)
     or from a config file alone (random weights)."""
     source = Path(source)
+    if not source.is_file():
+        raise CosyError(f"flow checkpoint or config not found: {source}")
     is_config = source.suffix in (".yaml", ".yml")
     config_path = Path(config) if config else (source if is_config else source.parent / "config.yaml")
     data = cfgio.load_yaml(config_path)
