@@ -25,7 +25,6 @@ import torch
 
 from cosy import config as cfgio
 from cosy.audio import MelConfig
-from cosy.flow.estimator import EstimatorConfig
 from cosy.flow.model import FlowConfig, FlowModel
 
 ROOT = Path(__file__).resolve().parents[1]
