@@ -10,7 +10,8 @@ reference's v1 measurement: 344 output frames), random weights, for the tiny and
 v1-size config. RTF = wall time / duration of the generated mel.
 Streaming: a causal v2-like config (25 tokens/s, 2 frames per token, chunks of 25
 tokens, 3 look-ahead tokens, estimator channels [256], 12 mid blocks, 2 chunks of left
-context), 300 tokens pushed 25 at a time; prints the time of every chunk.
+context) after a 50-token prompt, 300 tokens pushed 25 at a time (one chunk each);
+prints the time of every push.
 """
 
 from __future__ import annotations
