@@ -1,6 +1,6 @@
 """Flow decoder speed on CPU: real-time factor of 10-step inference, and streaming.
 
-    python tools/bench_flow.py [--threads 2] [--repeats 3] [--skip-v1] [--skip-stream]
+    python tools/bench_flow.py [--threads 2] [--repeats 1] [--skip-v1] [--skip-stream]
 
 Wall time on a shared machine depends on the load, so each figure also gives the
 process CPU time (with --threads 1 that is what an idle core would take).
