@@ -175,7 +175,7 @@ def test_config_errors_name_the_key():
     with pytest.raises(CosyError, match="model.quantizer.kind"):
         from_dict(TokenizerConfig, tiny_model_dict(quantizer={"kind": "rvq"}), "model")
     model = tiny_model(max_seconds=0.5)
-    with pytest.raises(CosyError, match="max_seconds"):
+    with pytest.raises(CosyError, match="50 frames"):
         model.tokenize(*random_feats([51]))
 
 
@@ -214,6 +214,14 @@ def test_whisper_initialised_encoder_matches_whisper(tmp_path):
     ckpt = save_checkpoint(model, tmp_path / "exp", model_dict)
     again = load_checkpoint(ckpt)
     assert again.tokenize(feats, lengths)[0].equal(tokens)
+    # the input limit is Whisper's position table (80 frames here), not max_seconds
+    assert model.max_frames == 80
+    with pytest.raises(CosyError, match="80 frames"):
+        model.tokenize(*random_feats([81]))
+    # and it exports to ONNX with the same tokens
+    onnx_tokens = OnnxBackend(export_onnx(again, tmp_path / "whisper.onnx")).tokenize(feats, lengths)
+    for row in range(2):
+        np.testing.assert_array_equal(onnx_tokens[row, :counts[row]], tokens[row, :counts[row]].numpy())
 
 
 def test_whisper_layer_count_is_checked(tmp_path):

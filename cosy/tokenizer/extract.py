@@ -105,11 +105,11 @@ class OnnxBackend:
         self.rate_factor = self._probe_rate(path)
 
     def _probe_rate(self, path) -> int:
-        """The model's subsampling factor, from the output length of a 400-frame input."""
-        out = self.tokenize(torch.zeros(1, self.mel.n_mels, 400), torch.tensor([400]))
-        if out.shape[1] not in (100, 200):
-            raise CosyError(f"ONNX tokenizer {path}: 400 frames gave {out.shape[1]} tokens; expected 200 or 100")
-        return 400 // out.shape[1]
+        """The model's subsampling factor, from the output length of a 40-frame input."""
+        out = self.tokenize(torch.zeros(1, self.mel.n_mels, 40), torch.tensor([40]))
+        if out.shape[1] not in (10, 20):
+            raise CosyError(f"ONNX tokenizer {path}: 40 frames gave {out.shape[1]} tokens; expected 20 or 10")
+        return 40 // out.shape[1]
 
     def tokenize(self, feats: torch.Tensor, lengths: torch.Tensor) -> np.ndarray:
         feed = {self.names[0]: feats.float().numpy(), self.names[1]: lengths.numpy().astype(np.int32)}

@@ -122,13 +122,15 @@ class TokenizerModel(nn.Module):
 
     @property
     def max_frames(self) -> int:
-        """Longest input in log-mel frames (model.max_seconds)."""
-        return round(self.cfg.max_seconds * self.cfg.mel.sample_rate / self.cfg.mel.hop_length)
+        """Longest input in log-mel frames: model.max_seconds, or less if a Whisper Encoder1's
+        position table is shorter."""
+        frames = round(self.cfg.max_seconds * self.cfg.mel.sample_rate / self.cfg.mel.hop_length)
+        return frames if isinstance(self.encoder1, Encoder) else min(frames, self.encoder1.max_frames)
 
     def _check_length(self, feats: Tensor) -> None:
         if feats.shape[-1] > self.max_frames:
-            raise CosyError(f"input of {feats.shape[-1]} frames is longer than model.max_seconds "
-                            f"({self.cfg.max_seconds} s = {self.max_frames} frames); split the audio")
+            raise CosyError(f"input of {feats.shape[-1]} frames is longer than the model's limit of "
+                            f"{self.max_frames} frames (model.max_seconds, or Whisper's positions); split the audio")
 
     def encode(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         """Encoder1: (batch, n_mels, frames) -> (batch, tokens, width), token counts."""

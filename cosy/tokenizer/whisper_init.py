@@ -60,7 +60,8 @@ class WhisperEncoder1(nn.Module):
         self.norm = encoder.layer_norm if (num_layers or total) == total else nn.Identity()
         self.n_mels = encoder.config.num_mel_bins
         self.d_model = encoder.config.d_model
-        self.max_frames = encoder.config.max_source_positions
+        # input frames its position table covers (3000 = 30 s for the released Whisper sizes)
+        self.max_frames = encoder.config.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
 
     def forward(self, feats: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
         mask = lengths_to_mask(lengths, feats.shape[-1])[:, None, :]
