@@ -2,7 +2,9 @@
 
 RTF = wall time / duration of the audio produced; median of --runs timed runs after one
 warm-up, batch 1, weight norm folded, under torch.inference_mode(). The HiFT v1 row is
-comparable to the reference's 0.38 on a 345-frame mel (2 threads, idle machine).
+comparable to the reference's 0.38 on a 345-frame mel (2 threads, idle machine). The
+process CPU seconds of the median run are printed too: on a machine shared with other
+jobs wall time inflates, CPU time much less so.
 
     python tools/bench_vocoder.py [--threads 2] [--runs 3] [--only hift_v1] [--onnx]
 """
@@ -38,14 +40,21 @@ def configs() -> dict[str, tuple[GeneratorConfig, MelConfig, int]]:
     }
 
 
-def time_call(fn, runs: int) -> list[float]:
+def time_call(fn, runs: int) -> tuple[list[float], float]:
+    """Wall seconds of each run, and the process CPU seconds of the median one."""
     fn()
-    times = []
+    runs_ = []
     for _ in range(runs):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return times
+        runs_.append((time.perf_counter() - start, time.process_time() - cpu))
+    return [w for w, _ in runs_], sorted(runs_)[len(runs_) // 2][1]
+
+
+def row(name: str, params: float, frames: int, seconds: float, times: list[float], cpu: float) -> str:
+    med = statistics.median(times)
+    return (f"{name:<18}{params:>9.2f}{frames:>8}{seconds:>9.3f}{med:>10.3f}{med / seconds:>7.3f}{cpu:>8.2f}"
+            f"  {min(times):.3f}-{max(times):.3f}")
 
 
 def main() -> None:
@@ -58,7 +67,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.runs} runs after 1 warm-up")
-    print(f"{'config':<18}{'params M':>9}{'frames':>8}{'audio s':>9}{'median s':>10}{'RTF':>7}  range s")
+    print(f"{'config':<18}{'params M':>9}{'frames':>8}{'audio s':>9}{'median s':>10}{'RTF':>7}{'cpu s':>8}  range s")
     for name, (gen_cfg, mel, frames) in configs().items():
         if args.only and name not in args.only:
             continue
@@ -67,20 +76,15 @@ def main() -> None:
         x = torch.randn(1, mel.n_mels, frames)
         seconds = frames * mel.hop_length / mel.sample_rate
         with torch.inference_mode():
-            times = time_call(lambda: gen(x), args.runs)
-        med = statistics.median(times)
-        print(f"{name:<18}{params:>9.2f}{frames:>8}{seconds:>9.3f}{med:>10.3f}{med / seconds:>7.3f}"
-              f"  {min(times):.3f}-{max(times):.3f}")
+            print(row(name, params, frames, seconds, *time_call(lambda: gen(x), args.runs)))
         if args.onnx:
             from cosy.vocoder.export import OnnxVocoder, export_onnx
 
             with tempfile.TemporaryDirectory() as tmp:
                 export_onnx(gen, Path(tmp) / "v.onnx")
                 runtime = OnnxVocoder(Path(tmp) / "v.onnx", threads=args.threads)
-                times = time_call(lambda: runtime(x.numpy(), seed=0), args.runs)
-            med = statistics.median(times)
-            print(f"{name + ' onnx':<18}{params:>9.2f}{frames:>8}{seconds:>9.3f}{med:>10.3f}{med / seconds:>7.3f}"
-                  f"  {min(times):.3f}-{max(times):.3f}")
+                print(row(name + " onnx", params, frames, seconds,
+                          *time_call(lambda: runtime(x.numpy(), seed=0), args.runs)))
 
 
 if __name__ == "__main__":
