@@ -336,6 +336,12 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
     (tmp_path / "w.safetensors").write_bytes(b"")
     assert cli_main(["export", "tokenizer", str(tmp_path / "w.safetensors"), "--onnx", str(tmp_path / "o.onnx")]) == 1
     assert "config.yaml" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"task": "tokenizer", "model": tiny_model_dict()}))
+    assert cli_main(["export", "tokenizer", str(tmp_path / "w.safetensors"), "--onnx", str(tmp_path / "o.onnx")]) == 1
+    assert "w.safetensors does not fit" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"task": "flow", "model": {}}))
+    assert cli_main(["export", "tokenizer", str(tmp_path / "w.safetensors"), "--onnx", str(tmp_path / "o.onnx")]) == 1
+    assert "not 'tokenizer'" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------- task

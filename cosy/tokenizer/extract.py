@@ -63,9 +63,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> TokenizerModel:
         raise CosyError(f"{config}: {err}") from err
     model = TokenizerModel(cfg)
     try:
-        state = load_torch(str(path))
-        model.load_state_dict(state)
-    except (RuntimeError, OSError) as err:
+        model.load_state_dict(load_torch(str(path)))
+    except Exception as err:  # safetensors has its own error type; load_state_dict raises RuntimeError
         raise CosyError(f"tokenizer checkpoint {path} does not fit {config}: {err}") from err
     return model.to(device).eval()
 
