@@ -98,7 +98,7 @@ class SineSource(nn.Module):
                    stochastic: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (harmonics with noise `(batch, samples, harmonics + 1)`, voicing `(batch, samples, 1)`)."""
         cfg = self.cfg
-        batch, frames = f0.shape
+        batch = f0.shape[0]
         f0_samples = f0.repeat_interleave(self.hop, dim=1)[..., None]               # (B, L, 1)
         phase = self._phase(f0, f0_samples, offset)                                  # (B, L, H)
         if cfg.phase == "sample" and stochastic:
@@ -121,8 +121,8 @@ class SineSource(nn.Module):
     def _phase(self, f0: torch.Tensor, f0_samples: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
         """Phase in radians `(batch, samples, harmonics + 1)`.
 
-        The running sum is kept in float64: in float32 it loses about 1e-3 cycles after a
-        few seconds, which is audible as phase noise and breaks chunked = offline equality.
+        The running sum is kept in float64: in float32 its rounding error reaches about 1e-3
+        cycles after a few seconds of audio, and chunked synthesis would drift from offline.
         """
         if self.cfg.phase == "sample":
             cycles = torch.cumsum((f0_samples * self.multiples / self.sample_rate).double(), dim=1)
