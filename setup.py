@@ -40,7 +40,7 @@ setup(
         "jiwer",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "kaldi-native-fbank", "nbclient", "nbformat", "ipykernel"],
+        "test": ["pytest", "pytest-timeout", "kaldi-native-fbank", "nbclient", "nbformat", "ipykernel", "matplotlib"],
         "hf": ["transformers"],
         "deepspeed": ["deepspeed"],
         "eval": ["pocketsphinx", "speechmos", "webrtcvad-wheels", "resemblyzer"],

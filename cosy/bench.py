@@ -4,7 +4,8 @@
 
 Measures, for one sentence and a 3 s synthetic prompt: the real-time factor of offline
 synthesis (wall time / audio duration), the first-chunk latency and RTF of streaming,
-LM tokens per second, and the peak resident memory of the process. A named config
+LM tokens per second, and the peak resident memory of the process; every time is given
+as wall time and as this process's CPU time (see `Clock`). A named config
 builds every part with random weights (`tiny`: the test-sized system; `v1`: the
 published CosyVoice-300M sizes), so the LM's output length is arbitrary: the figures
 are per second of whatever it produced. Prints a table, then one JSON object.
@@ -145,32 +146,48 @@ def write_random_experiments(root: str | Path, name: str = "tiny", seed: int = 0
     return dirs
 
 
+class Clock:
+    """Wall time and this process's CPU time since creation. On a shared machine wall time
+    depends on the load; with one torch thread, CPU time is what an idle core would take."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def read(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def measure(tts, prompt: tuple[np.ndarray, int], text: str = TEXT) -> dict[str, float]:
     """Offline and streaming figures of `tts` speaking `text` with `prompt`."""
     tts.synthesize("Hello there, how are you?", prompt, seed=0)  # warm-up
-    start = time.perf_counter()
+    clock = Clock()
     wave, rate = tts.synthesize(text, prompt, seed=0)
-    offline = time.perf_counter() - start
+    offline, offline_cpu = clock.read()
+    seconds = len(wave) / rate
     prepared = tts.prompt(prompt)
     sentences = tts.sentences(text)
-    start = time.perf_counter()
+    clock = Clock()
     tokens = tts.generate_tokens(sentences, [prepared] * len(sentences), seed=0)
-    lm_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    first, samples = None, 0
+    lm, lm_cpu = clock.read()
+    clock, first, samples = Clock(), None, 0
     for chunk in tts.stream(text, prompt, seed=0):
         if first is None and len(chunk):
-            first = time.perf_counter() - start
+            first = clock.read()
         samples += len(chunk)
-    streaming = time.perf_counter() - start
+    streaming, streaming_cpu = clock.read()
+    first = first or (float("nan"), float("nan"))
     n_tokens = sum(len(t) for t in tokens)
     return {
-        "audio_seconds": len(wave) / rate,
-        "rtf": offline / (len(wave) / rate),
-        "stream_first_chunk_seconds": first if first is not None else float("nan"),
+        "audio_seconds": seconds,
+        "rtf": offline / seconds,
+        "rtf_cpu": offline_cpu / seconds,
+        "stream_first_chunk_seconds": first[0],
+        "stream_first_chunk_cpu_seconds": first[1],
         "stream_rtf": streaming / max(samples / rate, 1e-9),
+        "stream_rtf_cpu": streaming_cpu / max(samples / rate, 1e-9),
         "lm_tokens": n_tokens,
-        "lm_tokens_per_second": n_tokens / lm_seconds,
+        "lm_tokens_per_second": n_tokens / lm,
+        "lm_tokens_per_cpu_second": n_tokens / lm_cpu,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -220,10 +237,12 @@ def run(args: argparse.Namespace) -> int:
     result = {"system": name, "threads": torch.get_num_threads(),
               "flow_steps": tts.parts.flow.cfg.cfm.steps, **measure(tts, synthetic_prompt())}
     rows = [("audio generated", f"{result['audio_seconds']:.2f} s"),
-            ("offline RTF", f"{result['rtf']:.3f}"),
-            ("streaming first chunk", f"{result['stream_first_chunk_seconds'] * 1000:.0f} ms"),
-            ("streaming RTF", f"{result['stream_rtf']:.3f}"),
-            ("LM tokens/s", f"{result['lm_tokens_per_second']:.1f} ({result['lm_tokens']} tokens)"),
+            ("offline RTF", f"{result['rtf']:.3f} (CPU {result['rtf_cpu']:.3f})"),
+            ("streaming first chunk", f"{result['stream_first_chunk_seconds'] * 1000:.0f} ms "
+                                      f"(CPU {result['stream_first_chunk_cpu_seconds'] * 1000:.0f} ms)"),
+            ("streaming RTF", f"{result['stream_rtf']:.3f} (CPU {result['stream_rtf_cpu']:.3f})"),
+            ("LM tokens/s", f"{result['lm_tokens_per_second']:.1f} (CPU {result['lm_tokens_per_cpu_second']:.1f}; "
+                            f"{result['lm_tokens']} tokens)"),
             ("peak memory (RSS)", f"{result['peak_rss_mb']:.0f} MB")]
     print(f"cosy bench: {name}, {result['threads']} thread(s), {result['flow_steps']} flow steps")
     for label, value in rows:

@@ -315,3 +315,32 @@ def test_import_cosy_stays_light():
     code = "import sys, cosy; assert 'torch' not in sys.modules; print(cosy.CosyTTS.__name__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "CosyTTS"
+
+
+# A v2-style system: 25 tokens/s, 24 kHz mel with 2 frames per token, causal chunked flow.
+CAUSAL = {
+    "tokenizer": {"encoder1": {"input_size": 128, "d_model": 32, "n_heads": 2, "ffn_dim": 64, "n_layers": 1,
+                               "input_layer": "conv2d4", "pos_enc": "rotary", "dropout": 0.0}},
+    "flow": {"causal": True, "token_rate": 25.0, "chunk_tokens": 4, "lookahead": 2, "edge_tokens": 0,
+             "mel": {"sample_rate": 24000, "n_fft": 1920, "hop_length": 480, "win_length": 1920}},
+    "vocoder": {"mel": {"sample_rate": 24000, "n_fft": 1920, "hop_length": 480, "win_length": 1920},
+                "generator": {"base_channels": 32, "upsample_rates": [8, 6, 10], "upsample_kernels": [16, 12, 20],
+                              "resblock_kernels": [3], "resblock_dilations": [[1, 3]]}},
+}
+
+
+def test_causal_flow_streams_chunk_by_chunk_to_the_offline_length(system, tmp_path, monkeypatch):
+    import cosy.flow.model as flow_model
+
+    dirs = dict(system["dirs"])
+    dirs.update(write_random_experiments(tmp_path / "exp", "tiny", overrides=CAUSAL, parts=tuple(CAUSAL)))
+    tts = CosyTTS.from_pretrained(pack(dirs, system["tokenizer"], tmp_path / "model"))
+    assert tts.sample_rate == 24000 and tts.parts.flow.cfg.causal
+    chunks_decoded = []
+    original = flow_model.FlowStream._chunk
+    monkeypatch.setattr(flow_model.FlowStream, "_chunk",
+                        lambda self, n: chunks_decoded.append(n) or original(self, n))
+    wave, rate = tts.synthesize(TEXT, system["prompt"], seed=5)
+    streamed = list(tts.stream(TEXT, system["prompt"], seed=5))
+    assert len(streamed) > 2 and sum(map(len, streamed)) == len(wave)
+    assert len(wave) % 480 == 0 and chunks_decoded and max(chunks_decoded) <= 4
