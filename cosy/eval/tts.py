@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -81,6 +82,9 @@ def speaker_identification(data: DataDir, embeddings: dict[str, np.ndarray],
     """
     hits = []
     for utt, vector in embeddings.items():
+        if not vector.any():  # a judge found no speech in it: it identifies nobody
+            hits.append(False)
+            continue
         scores = {}
         for spk, members in data.spk2utt.items():
             kept = [m for m in members if m not in (utt, exclude.get(utt))] or members
@@ -97,7 +101,11 @@ def score_system(utts: list[str], get_audio: Callable[[str], tuple[np.ndarray, i
         samples, rate = get_audio(utt)
         texts.append(asr.transcribe(samples, rate))
         for name, embed in embedders.items():
-            vectors[name][utt] = embed(samples, rate)
+            try:
+                vectors[name][utt] = embed(samples, rate)
+            except CosyError as err:  # e.g. no speech found: the output resembles no one (similarity 0)
+                print(f"utterance {utt}: {err}; scored as a zero speaker vector", file=sys.stderr)
+                vectors[name][utt] = np.zeros_like(next(iter(reference[name].values())))
         if mos:
             quality.append(dnsmos(samples, rate)["ovrl"])
     out = {"wer": word_error_rate([data.text[u] for u in utts], texts), "hypotheses": dict(zip(utts, texts))}

@@ -7,15 +7,17 @@
 #   recipes/mini/run.sh --size default --dir exp/mini            # the real small experiment
 #   recipes/mini/run.sh --size default --dir exp/mini --stage 5 --stop_stage 5   # resume training
 #
-# Stages: 0 corpus | 1 speaker encoder + embeddings | 2 text BPE + S3 tokenizer |
+# Stages: 0 corpus | 1 audio shards, speaker encoder + embeddings | 2 text BPE + S3 tokenizer |
 # 3 speech tokens | 4 shards | 5 train LM, flow, vocoder | 6 average | 7 export + pack |
 # 8 zero-shot synthesis of the unseen test speakers | 9 evaluation -> DIR/results.md
 set -euo pipefail
 
 stage=0
 stop_stage=9
-size=tiny            # tiny | default: picks conf/*_<size>.yaml and the corpus size
+size=tiny            # tiny | default: the corpus size and the configs CONF/<model>_<size>.yaml
 dir=""               # output folder (default exp/mini_<size>)
+conf=""              # config folder (default: this recipe's conf/)
+data=""              # an existing folder of train/ dev/ test/ data dirs instead of the corpus (start at stage 1)
 nj=2                 # parallel jobs for corpus building, shards and feature extraction
 ngpu=0               # > 0: train under torchrun on that many GPUs, extract on cuda
 speaker_model=""     # a trained speaker model (checkpoint or .onnx): skips speaker training
@@ -24,8 +26,8 @@ average_num=5        # checkpoints averaged (the best by validation loss)
 bpe_size=""          # text tokenizer vocabulary (default from --size)
 mos=true             # false: skip DNSMOS in stage 9
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --stage --stop_stage --size --dir --nj --ngpu" \
-  "--speaker_model --seed --average_num --bpe_size --mos"; }
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --stage --stop_stage --size --dir --nj --ngpu" \
+  "--conf --data --speaker_model --seed --average_num --bpe_size --mos"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -37,7 +39,7 @@ while [ $# -gt 0 ]; do
   esac
   name="${name#--}"; name="${name//-/_}"
   case "$name" in
-    stage|stop_stage|size|dir|nj|ngpu|speaker_model|seed|average_num|bpe_size|mos) printf -v "$name" '%s' "$value" ;;
+    stage|stop_stage|size|dir|conf|data|nj|ngpu|speaker_model|seed|average_num|bpe_size|mos) printf -v "$name" '%s' "$value" ;;
     *) echo "$0: unknown option --$name (see --help)" >&2; exit 1 ;;
   esac
 done
@@ -45,14 +47,22 @@ done
 case "$size" in
   tiny) : "${bpe_size:=400}" ;;
   default) : "${bpe_size:=2000}" ;;
-  *) echo "$0: --size must be tiny or default, got '$size'" >&2; exit 1 ;;
+  *) if [ -z "$data" ] || [ -z "$bpe_size" ]; then
+       echo "$0: --size must be tiny or default (other config sizes need --data and --bpe_size), got '$size'" >&2
+       exit 1
+     fi ;;
 esac
+if [ -n "$data" ] && [ "$stage" -le 0 ]; then
+  echo "$0: stage 0 builds the synthetic corpus; with --data start at --stage 1" >&2
+  exit 1
+fi
 recipe=$(cd "$(dirname "$0")" && pwd)
-conf=$recipe/conf
+conf=$(cd "${conf:-$recipe/conf}" && pwd)
 dir=${dir:-exp/mini_$size}
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
-data=$dir/corpus            # train/ dev/ test/ Kaldi data dirs; embeddings and tokens are added to them
+# train/ dev/ test/ Kaldi data dirs; stages 1 and 3 add embeddings and speech tokens to them.
+if [ -n "$data" ]; then data=$(cd "$data" && pwd); else data=$dir/corpus; fi
 exp=$dir/exp                # one experiment dir per model
 device=cpu
 if [ "$ngpu" -gt 0 ]; then device=cuda; fi
@@ -85,18 +95,19 @@ speaker=${speaker_model:-$exp/speaker/model.safetensors}
 text_tokenizer=$exp/text/tokenizer.json
 
 if run_stage 0; then
-  begin 0 "synthetic corpus ($size), validation, audio shards"
+  begin 0 "synthetic corpus ($size) and validation"
   cosy data corpus --size "$size" --out "$data" --seed "$seed" --num-jobs "$nj"
   for part in train dev test; do cosy data validate "$data/$part"; done
-  # Audio + text only: what the speaker encoder and the S3 tokenizer train on.
-  for part in train dev; do
-    cosy data shards "$data/$part" "$dir/shards/audio/$part" --num-workers "$nj"
-  done
   end 0 corpus
 fi
 
 if run_stage 1; then
-  begin 1 "speaker encoder and embeddings"
+  begin 1 "audio shards, speaker encoder and embeddings"
+  # Audio + text only: what the speaker encoder and the S3 tokenizer train on.
+  for part in train dev; do
+    rm -rf "$dir/shards/audio/$part"
+    cosy data shards "$data/$part" "$dir/shards/audio/$part" --num-workers "$nj"
+  done
   if [ -z "$speaker_model" ]; then
     train speaker audio "model.speakers=$data/train/spk2utt"
     average speaker
@@ -166,7 +177,8 @@ if run_stage 8; then
   rm -rf "$dir/synth"
   # manifest.tsv: each test utterance prompted by another one of its speaker; utt2prompt beside the wavs.
   cosy data zeroshot "$data/test" "$dir/synth"
-  cosy synthesize --model-dir "$dir/model" --manifest "$dir/synth/manifest.tsv" --out-dir "$dir/synth"
+  cosy synthesize --model-dir "$dir/model" --manifest "$dir/synth/manifest.tsv" --out-dir "$dir/synth" \
+    --seed "$seed" --device "$device"
   end 8 synthesis
 fi
 
