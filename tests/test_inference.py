@@ -344,3 +344,25 @@ def test_causal_flow_streams_chunk_by_chunk_to_the_offline_length(system, tmp_pa
     streamed = list(tts.stream(TEXT, system["prompt"], seed=5))
     assert len(streamed) > 2 and sum(map(len, streamed)) == len(wave)
     assert len(wave) % 480 == 0 and chunks_decoded and max(chunks_decoded) <= 4
+
+
+def test_pack_accepts_onnx_tokenizer_and_speaker(system, tmp_path):
+    from cosy.speaker.extract import load_checkpoint as load_speaker
+    from cosy.speaker.onnx import export_onnx as export_speaker
+    from cosy.tokenizer.extract import load_checkpoint as load_tokenizer
+    from cosy.tokenizer.onnx import export_onnx as export_tokenizer
+
+    dirs = dict(system["dirs"])
+    dirs["tokenizer"] = export_tokenizer(load_tokenizer(dirs["tokenizer"] / "model.safetensors"), tmp_path / "t.onnx")
+    dirs["speaker"] = tmp_path / "s.onnx"
+    export_speaker(load_speaker(system["model"] / "speaker" / "model.safetensors"), dirs["speaker"])
+    model = pack(dirs, system["tokenizer"], tmp_path / "model")
+    config = yaml.safe_load((model / "config.yaml").read_text())
+    assert config["tokenizer"] == "tokenizer/model.onnx" and config["speaker"] == "speaker/model.onnx"
+    onnx_tts = CosyTTS.from_pretrained(model)
+    reference = system["tts"].prompt(system["prompt"])
+    prompt = onnx_tts.prompt(system["prompt"])
+    assert np.array_equal(prompt.tokens.numpy(), reference.tokens.numpy())
+    np.testing.assert_allclose(prompt.embedding.numpy(), reference.embedding.numpy(), atol=1e-4)  # ONNX rounding
+    wave, rate = onnx_tts.synthesize("One more short sentence here.", system["prompt"], seed=0)
+    assert rate == RATE and len(wave) > 0
