@@ -277,7 +277,8 @@ def test_extract_batched_equals_one_by_one_and_skips_bad_audio(trained, tmp_path
     data = make_data_dir(tmp_path, durations=(0.5, 1.3, 0.8, 2.1, 0.3, 1.0))
     (tmp_path / "wavs" / "bad.wav").write_bytes(b"RIFF this is not audio")
     save_audio(tmp_path / "wavs" / "empty.wav", np.zeros(0, dtype=np.float32), SR)
-    data.wav.update({"spk0_bad": str(tmp_path / "wavs" / "bad.wav"), "spk1_empty": str(tmp_path / "wavs" / "empty.wav")})
+    data.wav.update({"spk0_bad": str(tmp_path / "wavs" / "bad.wav"),
+                     "spk1_empty": str(tmp_path / "wavs" / "empty.wav")})
     data.text.update({"spk0_bad": "x", "spk1_empty": "y"})
     data.utt2spk.update({"spk0_bad": "spk0", "spk1_empty": "spk1"})
     data.save(tmp_path)

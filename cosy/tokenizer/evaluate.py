@@ -166,7 +166,8 @@ def format_markdown(report: dict) -> str:
     if asr is None:
         lines.append("| WER / CER (greedy CTC) | n/a (an ONNX tokenizer has no ASR head) |")
     else:
-        lines += [f"| WER (greedy CTC) | {100 * asr['wer']:.2f} % |", f"| CER (greedy CTC) | {100 * asr['cer']:.2f} % |"]
+        lines += [f"| WER (greedy CTC) | {100 * asr['wer']:.2f} % |",
+                  f"| CER (greedy CTC) | {100 * asr['cer']:.2f} % |"]
     if tok is None:
         lines.append("| tokens | none (quantizer kind 'none') |")
         return "\n".join(lines) + "\n"
