@@ -237,6 +237,7 @@ def test_bad_input_gives_a_specific_message_and_exit_code(system, tmp_path, caps
              (["--text", "?! ... -- !", "--prompt-wav", system["prompt"]], "nothing speakable after normalisation")]
     for name, (path, message) in _bad_prompts(tmp_path).items():
         cases.append((["--text", TEXT, "--prompt-wav", path], message))
+    cases.append((["--text", TEXT, "--prompt-wav", tmp_path / "silent.wav", "--stream"], "is silent"))
     for args, message in cases:
         assert cli("synthesize", *args, *base) == 1, message
         err = capsys.readouterr().err

@@ -69,8 +69,9 @@ def _one(tts, args) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         start, first = time.perf_counter(), None
+        chunks = tts.stream(args.text, args.prompt_wav, args.prompt_text, args.speed, args.seed)  # checks input
         with sf.SoundFile(str(out), "w", tts.sample_rate, 1, "PCM_16") as handle:
-            for chunk in tts.stream(args.text, args.prompt_wav, args.prompt_text, args.speed, args.seed):
+            for chunk in chunks:
                 if first is None and len(chunk):
                     first = time.perf_counter() - start
                 handle.write(chunk.clip(-1.0, 1.0))

@@ -290,6 +290,13 @@ def _load_state(model: torch.nn.Module, path: Path, part: str) -> None:
         raise CosyError(f"{part} weights {path} do not fit {path.parent / 'config.yaml'}: {err}") from err
 
 
+def text_vocab(llm) -> int:
+    """Rows of the LM's text embedding (its own table, or the Hugging Face backbone's)."""
+    if llm.cfg.backbone == "hf":
+        return llm.lm.model.get_input_embeddings().num_embeddings
+    return llm.cfg.text_vocab
+
+
 def speech_vocab(tokenizer) -> int | None:
     """Codebook size of a speech tokenizer backend (None for ONNX files, which do not say)."""
     model = getattr(tokenizer, "model", None)
@@ -321,11 +328,9 @@ def check_parts(parts: Parts, where: str) -> None:
         diff = [f.name for f in dataclasses.fields(flow.mel) if getattr(flow.mel, f.name) != getattr(vocoder.mel, f.name)]
         raise CosyError(f"model dir {where}: the vocoder's mel settings (vocoder/config.yaml model.mel) differ "
                         f"from the flow decoder's in {', '.join(diff)}")
-    text_vocab = parts.llm.text_embedding.num_embeddings if parts.llm.uses_speaker else \
-        parts.llm.lm.model.get_input_embeddings().num_embeddings
-    if parts.text_tokenizer.vocab_size > text_vocab:
+    if parts.text_tokenizer.vocab_size > text_vocab(parts.llm):
         raise CosyError(f"model dir {where}: the text tokenizer has {parts.text_tokenizer.vocab_size} tokens "
-                        f"but the LLM (llm/config.yaml model.text_vocab) embeds {text_vocab}")
+                        f"but the LLM (llm/config.yaml model.text_vocab) embeds {text_vocab(parts.llm)}")
 
 
 # --------------------------------------------------------------------- `cosy pack`

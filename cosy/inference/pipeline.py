@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from cosy.audio import load_audio, mel_spectrogram, resample, whisper_log_mel
 from cosy.errors import CosyError
-from cosy.inference.model_dir import Parts, load
+from cosy.inference.model_dir import Parts, load, text_vocab
 from cosy.inference.streaming import mel_stream, stream_audio
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def read_audio(source: AudioSource, what: str) -> tuple[np.ndarray, int, str]:
     return np.ascontiguousarray(samples), int(rate), f"{what} array"
 
 
-def encode_prompt_text(tokenizer, text: str, lang: str, text_vocab: int) -> list[int]:
+def encode_prompt_text(tokenizer, text: str, lang: str, vocab_size: int) -> list[int]:
     """Ids of a prompt transcript, or [] (with a warning) when the tokenizer cannot encode it."""
     from cosy.text.normalise import normalise
     from cosy.text.symbols import UNK
@@ -79,7 +79,7 @@ def encode_prompt_text(tokenizer, text: str, lang: str, text_vocab: int) -> list
         unknown = tokenizer.token_to_id(UNK)
     except CosyError:  # a vocabulary without an unknown token encodes everything
         unknown = None
-    if not ids or unknown in ids or max(ids) >= text_vocab:
+    if not ids or unknown in ids or max(ids) >= vocab_size:
         warnings.warn(f"the text tokenizer cannot encode the prompt text {text[:60]!r}; synthesising without it "
                       "(speaker embedding and flow prompt only)", stacklevel=3)
         return []
@@ -151,7 +151,7 @@ class CosyTTS:
         mel = mel_spectrogram(audio, flow.cfg.mel)[0]
         tokens, mel = align(tokens, mel, flow.cfg)
         ids = [] if text is None or not text.strip() else \
-            encode_prompt_text(self.parts.text_tokenizer, text, self.settings.lang, self._text_vocab())
+            encode_prompt_text(self.parts.text_tokenizer, text, self.settings.lang, text_vocab(self.parts.llm))
         return Prompt(tokens.to(self.device), mel.to(self.device),
                       torch.as_tensor(embedding, dtype=torch.float32).to(self.device), ids)
 
@@ -164,10 +164,6 @@ class CosyTTS:
         feats = whisper_log_mel(wave, backend.mel)[0]
         (_, tokens), = tokenize_stream(backend, [Features("audio", feats)], batch_size=4)
         return torch.from_numpy(tokens.astype(np.int64))
-
-    def _text_vocab(self) -> int:
-        llm = self.parts.llm
-        return llm.cfg.text_vocab if llm.uses_speaker else llm.lm.model.get_input_embeddings().num_embeddings
 
     # --------------------------------------------------------------- synthesis
 
@@ -269,10 +265,15 @@ class CosyTTS:
                seed: int | None = None) -> Iterator[np.ndarray]:
         """Float32 audio chunks of `text` as they are made: each LM token goes straight on
         to chunked flow decoding and the streaming vocoder, so the first chunk comes long
-        before the LM finishes. Sentences follow one another with a short pause."""
+        before the LM finishes. Sentences follow one another with a short pause. Bad input
+        raises here, before the first chunk is asked for."""
         _check_speed(speed)
         sentences = self.sentences(text)
         prompt = self.prompt(prompt_wav, prompt_text)
+        return self._stream(sentences, prompt, speed, seed)
+
+    def _stream(self, sentences: list[list[int]], prompt: Prompt, speed: float,
+                seed: int | None) -> Iterator[np.ndarray]:
         pause = np.zeros(int(self.settings.pause_seconds * self.sample_rate), dtype=np.float32)
         with _seeded(seed):
             for i, ids in enumerate(sentences):
