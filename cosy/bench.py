@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from cosy import config as cfgio
 from cosy.errors import CosyError
@@ -140,7 +141,7 @@ def write_random_experiments(root: str | Path, name: str = "tiny", seed: int = 0
         model = {**model, **(overrides or {}).get(part, {})}
         folder = root / part
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "config.yaml").write_text(json.dumps({"task": part, "model": model}))  # JSON is YAML
+        (folder / "config.yaml").write_text(yaml.safe_dump({"task": part, "model": model}, sort_keys=False))
         save_weights(folder / "model.safetensors", _build(part, model).state_dict())
         dirs[part] = folder
     return dirs

@@ -8,7 +8,6 @@ import math
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from cosy.errors import CosyError
 from cosy.inference import CosyTTS, pack
 from cosy.inference.model_dir import PARTS, resolve_source
 from cosy.inference.pipeline import encode_prompt_text
-from cosy.train.checkpoint import Entry, save_weights
+from cosy.train.checkpoint import Entry
 
 TEXT = "Hello there, this is a small test of the speech system."
 HOP = 256

@@ -13,7 +13,6 @@ prompt reaches the output through the flow decoder (cross-lingual style).
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -28,8 +27,6 @@ from cosy.audio import load_audio, mel_spectrogram, resample, whisper_log_mel
 from cosy.errors import CosyError
 from cosy.inference.model_dir import Parts, load, text_vocab
 from cosy.inference.streaming import mel_stream, stream_audio
-
-log = logging.getLogger(__name__)
 
 AudioSource = Union[str, Path, tuple]  # a file, or (samples, sample_rate)
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default"
