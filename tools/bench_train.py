@@ -74,7 +74,8 @@ def write_list(folder: Path, rows: int) -> Path:
     return listing
 
 
-def seconds_for(steps: int, precision: str, root: Path, train: Path, cv: Path) -> float:
+def seconds_for(steps: int, precision: str, root: Path, train: Path, cv: Path) -> tuple[float, float]:
+    """Wall and CPU (all threads) seconds of a whole run of `steps` steps."""
     encoder = EncoderConfig(input_size=80, d_model=256, n_heads=4, ffn_dim=1024, n_layers=4, pos_enc="abs")
     config = ExperimentConfig(
         task="bench", model=BenchConfig(encoder),
@@ -82,9 +83,9 @@ def seconds_for(steps: int, precision: str, root: Path, train: Path, cv: Path) -
         train=TrainConfig(max_steps=steps, max_epochs=0, precision=precision, log_every=1000,
                           scheduler=SchedulerConfig(warmup_steps=100)))
     trainer = Trainer(config, TASK, train, cv, root / f"{precision}_{steps}")
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     trainer.fit()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -99,10 +100,13 @@ def main() -> None:
         print(f"small transformer: 4 layers, d 256, batch {BATCH} x {FRAMES} frames, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
+        # CPU seconds stay meaningful when other jobs share the cores; wall time does not
         for precision in ("fp32", "bf16"):
-            elapsed = seconds_for(short + args.steps, precision, root, train, cv) - seconds_for(
-                short, precision, root, train, cv)
-            print(f"{precision:5s} {args.steps / elapsed:6.2f} steps/s  ({1000 * elapsed / args.steps:7.1f} ms/step)")
+            long_wall, long_cpu = seconds_for(short + args.steps, precision, root, train, cv)
+            short_wall, short_cpu = seconds_for(short, precision, root, train, cv)
+            wall, cpu = long_wall - short_wall, long_cpu - short_cpu
+            print(f"{precision:5s} {args.steps / wall:6.2f} steps/s  ({1000 * wall / args.steps:7.1f} ms/step wall, "
+                  f"{cpu / args.steps:6.2f} CPU-s/step)")
 
 
 if __name__ == "__main__":
