@@ -105,12 +105,11 @@ def stream(model: LLM, text: Tensor, text_len: Tensor, prompt_text: Tensor | Non
         decoder.push(tokens, active)
 
 
-def generate(model: LLM, *args, **kwargs) -> list[list[int]]:
+def generate(model: LLM, text: Tensor, text_len: Tensor, *args, **kwargs) -> list[list[int]]:
     """All tokens of every row (see `stream` for the arguments)."""
-    rows: list[list[int]] | None = None
-    for tokens in stream(model, *args, **kwargs):
-        rows = rows or [[] for _ in range(len(tokens))]
+    rows: list[list[int]] = [[] for _ in range(len(text_len))]
+    for tokens in stream(model, text, text_len, *args, **kwargs):
         for b, token in enumerate(tokens.tolist()):
             if token >= 0:
                 rows[b].append(token)
-    return rows or [[] for _ in range(len(args[1]) if len(args) > 1 else len(kwargs["text_len"]))]
+    return rows
