@@ -247,3 +247,27 @@ def test_recipe_configs_map_onto_llm_config(path):
     if "v1" in path:
         assert config.to_dict(cfg) == config.to_dict(LLMConfig(**{**vars(cfg), "tokenizer": ""})) and \
             (cfg.lm.n_layers, cfg.lm.d_model, cfg.speech_vocab) == (14, 1024, 4096)
+
+
+def test_trains_through_the_common_trainer_on_shards(tmp_path):
+    import yaml
+
+    from cosy import cli
+    from cosy.text.bpe import TextTokenizer
+    from cosy.train.checkpoint import Checkpoints
+    from toy_task import make_rows, write_shards
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("ok fine good\n" * 20)
+    TextTokenizer.train([corpus], vocab_size=280).save(tmp_path / "tokenizer.json")
+    train = write_shards(tmp_path / "train", make_rows(12, dim=8, vocab=24), 6)
+    cv = write_shards(tmp_path / "cv", make_rows(4, seed=1, prefix="cv", dim=8, vocab=24), 4)
+    model = config.to_dict(tiny_config(text_vocab=280, tokenizer=str(tmp_path / "tokenizer.json")))
+    conf = tmp_path / "llm.yaml"
+    conf.write_text(yaml.safe_dump({"task": "llm", "model": model, "data": {"batch_type": "static", "batch_size": 4},
+                                    "train": {"max_steps": 3, "log_every": 1}}))
+    out = tmp_path / "exp"
+    args = ["train", "--config", str(conf), "--train-data", str(train), "--cv-data", str(cv), "--out", str(out)]
+    assert cli.main(args) == 0
+    assert Checkpoints(out).latest().step == 3
+    assert "loss=" in (out / "train.log").read_text()
