@@ -39,6 +39,7 @@ register("eval tts", "cosy.eval.tts", "score synthesised speech: independent ASR
 register("synthesize", "cosy.inference.cli", "speak text in the voice of a prompt recording")
 register("vc", "cosy.inference.vc", "voice conversion: a source recording's words in a prompt's voice")
 register("convert", "cosy.inference.vc", "voice conversion with --source-wav/--prompt-wav (same as vc)")
+register("convert cosyvoice", "cosy.convert.cosyvoice", "released CosyVoice-300M files -> a cosy model dir")
 register("pack", "cosy.inference.model_dir", "assemble a model directory from trained parts")
 register("bench", "cosy.bench", "speed of synthesis: RTF, streaming latency, LM tokens/s, memory")
 register("text bpe", "cosy.text.cli", "train a byte-level BPE text tokenizer on the transcripts of data dirs")
