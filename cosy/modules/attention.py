@@ -21,8 +21,8 @@ class KVCache:
     k, v: (batch, heads, max_len, head_dim). `fill[b]` counts the valid positions of
     row b; rows may differ (items of different lengths decoded together). A step writes
     its new keys in place at the given positions, so the prefix is never copied or
-    recomputed. `pos_proj` lets a relative-position layer keep its projected position
-    table for the lifetime of the cache.
+    recomputed. `pos_proj` / `pos_band` let a relative-position layer keep its projected
+    position table for the lifetime of the cache.
     """
 
     def __init__(self, batch: int, heads: int, max_len: int, head_dim: int,
@@ -31,6 +31,7 @@ class KVCache:
         self.v = torch.zeros_like(self.k)
         self.fill = torch.zeros(batch, dtype=torch.long, device=device)
         self.pos_proj: Tensor | None = None
+        self.pos_band = (0, 0)  # rows [lo, hi) of pos_proj that hold projected values
 
     @property
     def max_len(self) -> int:
@@ -116,9 +117,12 @@ class RelPositionMultiHeadAttention(MultiHeadAttention):
     logit(i, j) = [(q_i + u) . k_j + (q_i + v') . p(i - j)] / sqrt(head_dim), with
     p = linear_pos(PE) (no bias) and learned per-head u = pos_bias_u, v' = pos_bias_v.
     `pos_emb` is a table of rows r = c, c-1, ..., -c (c >= every |i - j|), as given by
-    `RelPositionalEncoding`. With a cache, the table is projected once per cache and
-    reused at every step, so a step costs O(T) rather than O(T d^2) for the positions.
+    `RelPositionalEncoding`. With a cache, each table row is projected at most once per
+    cache and reused at every later step, so a step costs O(T d) rather than O(T d^2)
+    for the positions (the reference re-projects all 2T-1 rows at every step).
     """
+
+    BLOCK = 64  # table rows projected at a time during cached decoding
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0):
         super().__init__(d_model, n_heads, dropout=dropout)
@@ -128,26 +132,43 @@ class RelPositionMultiHeadAttention(MultiHeadAttention):
         nn.init.xavier_uniform_(self.pos_bias_u)
         nn.init.xavier_uniform_(self.pos_bias_v)
 
-    def _positions_projected(self, pos_emb: Tensor, cache: KVCache | None) -> Tensor:
-        """(heads, rows, head_dim) projection of the table, memoised in the cache."""
-        if cache is not None and cache.pos_proj is not None and cache.pos_proj.size(1) == pos_emb.size(1):
-            return cache.pos_proj
-        p = self.linear_pos(pos_emb[0]).view(-1, self.n_heads, self.head_dim).transpose(0, 1)
-        if cache is not None:
-            cache.pos_proj = p
-        return p
+    def _project_rows(self, pos_emb: Tensor) -> Tensor:
+        """(rows, d_model) -> (heads, rows, head_dim)."""
+        return self.linear_pos(pos_emb).view(-1, self.n_heads, self.head_dim).transpose(0, 1)
+
+    def _positions_projected(self, pos_emb: Tensor, first: int, last: int, cache: KVCache | None) -> Tensor:
+        """Projected table rows first..last: (heads, last - first + 1, head_dim).
+
+        With a cache, projected rows are kept in it and only rows never seen before are
+        projected, in blocks, so a decoding step costs O(head_dim) per new position
+        instead of projecting the whole table.
+        """
+        if cache is None:
+            return self._project_rows(pos_emb[0, first: last + 1])
+        rows = pos_emb.size(1)
+        if cache.pos_proj is None or cache.pos_proj.size(1) != rows:
+            cache.pos_proj = pos_emb.new_empty(self.n_heads, rows, self.head_dim)
+            cache.pos_band = (first, first)
+        lo, hi = cache.pos_band
+        new_lo = min(lo, max(0, first - self.BLOCK))
+        new_hi = max(hi, min(rows, last + 1 + self.BLOCK))
+        if new_lo < lo:
+            cache.pos_proj[:, new_lo:lo] = self._project_rows(pos_emb[0, new_lo:lo])
+        if new_hi > hi:
+            cache.pos_proj[:, hi:new_hi] = self._project_rows(pos_emb[0, hi:new_hi])
+        cache.pos_band = (new_lo, new_hi)
+        return cache.pos_proj[:, first: last + 1]
 
     def forward(self, x: Tensor, mask: Tensor | None, pos_emb: Tensor, positions: Tensor | None = None,
                 cache: KVCache | None = None) -> Tensor:
         """x: (batch, time, d_model); pos_emb: (1, 2c+1, d_model); see `MultiHeadAttention`."""
         q, k, v, positions = self._project(x, positions, cache)
         n_keys = k.size(2)
-        p = self._positions_projected(pos_emb, cache)
-        centre = (p.size(1) - 1) // 2
+        centre = (pos_emb.size(1) - 1) // 2
         # Only rows with r in [min(i) - (n_keys - 1), max(i)] can be needed.
         first = centre - int(positions.max())
         last = centre - int(positions.min()) + n_keys - 1
-        p = p[:, first: last + 1]
+        p = self._positions_projected(pos_emb, first, last, cache)
         scores = torch.matmul(q + self.pos_bias_v[:, None], p.transpose(-1, -2))
         rel = positions[:, :, None] - torch.arange(n_keys, device=x.device)
         index = (centre - first - rel)[:, None].expand(q.size(0), self.n_heads, -1, -1)
