@@ -244,9 +244,14 @@ def test_recipe_configs_map_onto_llm_config(path):
     assert data["task"] == "llm"
     cfg = config.from_dict(LLMConfig, data["model"], "model")
     assert cfg.lm.causal and cfg.text_encoder.input_size == cfg.text_embed_dim
-    if "v1" in path:
-        assert config.to_dict(cfg) == config.to_dict(LLMConfig(**{**vars(cfg), "tokenizer": ""})) and \
-            (cfg.lm.n_layers, cfg.lm.d_model, cfg.speech_vocab) == (14, 1024, 4096)
+    if "v1" in path:  # the defaults are the published sizes, checked against the reference key listing
+        assert config.to_dict(cfg) == config.to_dict(LLMConfig())
+    else:
+        torch.manual_seed(0)
+        batch = {"text_token": torch.tensor([[5, 6, 7]]), "text_token_len": torch.tensor([3]),
+                 "speech_token": torch.tensor([[1, 2]]), "speech_token_len": torch.tensor([2]),
+                 "embedding": torch.randn(1, cfg.spk_embed_dim)}
+        assert torch.isfinite(LLM(cfg)(batch)["loss"])
 
 
 def test_trains_through_the_common_trainer_on_shards(tmp_path):

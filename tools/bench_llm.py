@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,7 +27,6 @@ import torch
 from cosy import config
 from cosy.llm import LLM, LLMConfig
 from cosy.llm.decode import stream
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"tiny": ROOT / "recipes/mini/conf/llm_tiny.yaml", "v1": ROOT / "recipes/libritts/conf/llm_v1.yaml"}

@@ -40,8 +40,9 @@ def _v1_text_encoder() -> EncoderConfig:
 
 
 def _v1_lm() -> EncoderConfig:
+    # max_len leaves room for max_text_len text tokens and 20 speech tokens per text token
     return EncoderConfig(input_size=1024, d_model=1024, n_heads=16, ffn_dim=4096, n_layers=14,
-                         input_layer="linear_legacy", layer="transformer", causal=True)
+                         input_layer="linear_legacy", layer="transformer", causal=True, max_len=6000)
 
 
 @dataclass
