@@ -276,3 +276,21 @@ def test_trains_through_the_common_trainer_on_shards(tmp_path):
     assert cli.main(args) == 0
     assert Checkpoints(out).latest().step == 3
     assert "loss=" in (out / "train.log").read_text()
+
+
+def test_sampling_options_shape_the_candidates():
+    from cosy.llm.sampling import exponential_draws, nucleus, sample
+
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.5, -1.0])
+    probs = torch.softmax(logits, 0)
+    assert nucleus(probs, top_p=1.0, top_k=3)[0].tolist() == [1, 3, 2]  # top-k binds
+    # sorted probabilities 0.55, 0.34, 0.07, ...: the token that crosses top_p is included
+    assert nucleus(probs, top_p=0.5, top_k=5)[0].tolist() == [1]
+    assert nucleus(probs, top_p=0.8, top_k=5)[0].tolist() == [1, 3]
+    draws = exponential_draws(torch.Generator().manual_seed(0))
+    cold = SamplingConfig(temperature=1e-3, tau=0.0)
+    assert {sample(logits, [1] * 10, cold, draws) for _ in range(20)} == {1}  # near-greedy, no fallback
+    ras = SamplingConfig(temperature=1e-3)
+    assert 1 not in {sample(logits, [1], ras, draws) for _ in range(20)}  # repeated token is re-drawn
+    picks = {sample(logits, [], SamplingConfig(top_k=2, top_p=1.0, tau=0.0), draws) for _ in range(200)}
+    assert picks == {1, 3}
