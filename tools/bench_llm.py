@@ -1,9 +1,8 @@
 """Speed of speech-token decoding: cached (preallocated KV cache) vs uncached (a full
 forward over the whole sequence at every step), batch 1 and 8, tiny and v1 sizes, CPU.
 
-Every row decodes exactly --tokens tokens (eos masked by setting min = max length, as
-the reference measurements in PERF notes do) with the default RAS sampler, after a text
-of --text-len random ids and an empty prompt. Random weights; FLOPs do not depend on
+Every row decodes exactly --tokens tokens (eos masked by setting min = max length) with
+the default RAS sampler, after a text of --text-len random ids and an empty prompt. Random weights; FLOPs do not depend on
 them.
 
 Uncached decoding at the v1 size would take many minutes, so by default it is
