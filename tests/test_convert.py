@@ -306,6 +306,14 @@ def test_model_dir_has_every_part_and_whisper_text_tokenizer(converted):
     assert manifest["text_vocab"] == TEXT_VOCAB and manifest["speech_vocab"] == 64
     assert manifest["speaker_dim"] == 192 and manifest["sample_rate"] == 22050
     assert parts.text_tokenizer.encode("the <|en|>") == reference_bpe("the ") + [len(RANKS) + 2]
+    assert Path(manifest["sources"]["llm"]).name == "llm.pt" and "multilingual.tiktoken" in manifest["sources"]["text_tokenizer"]
+
+
+def test_convert_keeps_voice_conversion_as_the_one_word_command(capsys):
+    for argv, expected in ((["convert", "--help"], "--source-wav"), (["convert", "cosyvoice", "--help"], "SRC_DIR")):
+        with pytest.raises(SystemExit):
+            cli_main(argv)
+        assert expected in capsys.readouterr().out
 
 
 @torch.no_grad()

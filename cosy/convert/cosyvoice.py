@@ -19,6 +19,7 @@ which loads the result once before it appears at OUT.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -298,7 +299,12 @@ def convert(src: str | Path, out: str | Path, tiktoken: str | Path | None = None
             save_weights(folder / "model.safetensors", state)
             sources[part] = folder
         text_tokenizer.save(staging / "tokenizer.json")
-        return pack(sources, staging / "tokenizer.json", out)
+        pack(sources, staging / "tokenizer.json", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["sources"] = {part: str((src / FILES[part]).resolve()) for part in sources}
+    manifest["sources"]["text_tokenizer"] = text_tokenizer.source
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return out
 
 
 def add_arguments(parser) -> None:
