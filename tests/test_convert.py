@@ -28,17 +28,12 @@ from safetensors.torch import load_file
 
 from cosy.bench import TINY, synthetic_prompt, write_random_experiments
 from cosy.cli import main as cli_main
-from cosy.convert.cosyvoice import flow_config, llm_config, map_state, read_released_yaml, vocoder_config
+from cosy.convert.cosyvoice import map_state, read_released_yaml, targets
 from cosy.errors import CosyError
-from cosy.flow import FlowModel
-from cosy.flow.checkpoint import reference_to_cosy
 from cosy.inference import model_dir
-from cosy.llm import LLM, SamplingConfig
-from cosy.llm.convert import rename_v1_llm_key
+from cosy.llm import SamplingConfig
 from cosy.llm.decode import Decoder, generate
 from cosy.text.whisper_bpe import whisper_specials, whisper_tokenizer
-from cosy.vocoder.cosyvoice import reference_name
-from cosy.vocoder.hifigan import Generator
 
 REF = Path(__file__).parent / "fixtures" / "reference"
 ATOL = 1e-4
@@ -306,7 +301,8 @@ def test_model_dir_has_every_part_and_whisper_text_tokenizer(converted):
     assert manifest["text_vocab"] == TEXT_VOCAB and manifest["speech_vocab"] == 64
     assert manifest["speaker_dim"] == 192 and manifest["sample_rate"] == 22050
     assert parts.text_tokenizer.encode("the <|en|>") == reference_bpe("the ") + [len(RANKS) + 2]
-    assert Path(manifest["sources"]["llm"]).name == "llm.pt" and "multilingual.tiktoken" in manifest["sources"]["text_tokenizer"]
+    assert Path(manifest["sources"]["llm"]).name == "llm.pt"
+    assert "multilingual.tiktoken" in manifest["sources"]["text_tokenizer"]
 
 
 def test_convert_keeps_voice_conversion_as_the_one_word_command(capsys):
@@ -359,10 +355,28 @@ def test_converted_hift_reproduces_reference_waveform(converted):
     io = load_file(REF / "cosyvoice_v1_hift.small.io.safetensors")
     f0 = vocoder.predict_f0(io["in.mel"])
     assert (f0 - io["out.f0"]).abs().max() < ATOL
-    draws = {"uniform": io["rng.infer.00.rand"].reshape(1, -1), "gaussian": io["rng.infer.01.randn_like"].transpose(1, 2)}
+    draws = {"uniform": io["rng.infer.00.rand"].reshape(1, -1),
+             "gaussian": io["rng.infer.01.randn_like"].transpose(1, 2)}  # v1 draws (batch, harmonics, samples)
     speech = vocoder.decode(io["in.mel"], vocoder.make_source(f0, **draws))
     assert speech.shape == io["out.speech"].shape
     assert (speech - io["out.speech"]).abs().max() < ATOL
+
+
+@torch.no_grad()
+def test_old_weight_norm_names_and_generator_prefix_in_hift_pt(released, converted, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(released["src"], src)
+    old = {}
+    for name, tensor in load_file(REF / "cosyvoice_v1_hift.small.state.safetensors").items():
+        name = name.replace("parametrizations.weight.original0", "weight_g")
+        old["generator." + name.replace("parametrizations.weight.original1", "weight_v")] = tensor
+    assert any(name.endswith("weight_g") for name in old)
+    torch.save(old, src / "hift.pt")
+    args = ["convert", "cosyvoice", str(src), str(tmp_path / "out"), "--tiktoken", str(released["tiktoken"])]
+    assert cli_main(args) == 0
+    mel = load_file(REF / "cosyvoice_v1_hift.small.io.safetensors")["in.mel"]
+    vocoder = model_dir.load(tmp_path / "out").vocoder
+    assert torch.equal(vocoder.predict_f0(mel), converted[1].vocoder.predict_f0(mel))
 
 
 def test_synthesize_runs_on_the_converted_dir(converted, tmp_path):
@@ -443,15 +457,10 @@ def test_full_size_released_yaml_maps_every_listed_tensor(tmp_path):
     tensor of the full-size listings through the converter's map (shapes only)."""
     path = tmp_path / "cosyvoice.yaml"
     path.write_text(RELEASED_YAML.format(**FULL))
-    data = read_released_yaml(path)
-    with torch.device("meta"):
-        llm = LLM(llm_config(data, str(path)))
-        flow = FlowModel(flow_config(data, str(path)))
-        vocoder_cfg = vocoder_config(data, str(path))
-        hift = Generator(vocoder_cfg.generator, vocoder_cfg.mel)
-    for model, name, rename in ((llm, "llm", rename_v1_llm_key), (flow, "flow", lambda n: reference_to_cosy(n, 4)),
-                                (hift, "hift", reference_name)):
+    parts = targets(read_released_yaml(path), str(path))
+    for part, name, count in (("llm", "llm", 401), ("flow", "flow", 1185), ("vocoder", "hift", 227)):
+        _, model, rename = parts[part]
         listing = _listing(name)
-        mapped = map_state(listing, rename, model, name)
-        assert len(mapped) == len(listing) == {"llm": 401, "flow": 1185, "hift": 227}[name]
+        assert len(map_state(listing, rename, model, name)) == len(listing) == count
+    llm = parts["llm"][1]
     assert sum(p.numel() for p in llm.parameters()) > 300e6

@@ -246,8 +246,9 @@ def map_state(state: dict[str, torch.Tensor], rename: Callable[[str], str], mode
     return mapped
 
 
-def convert_weights(src: Path, data: dict) -> dict[str, tuple[Any, dict[str, torch.Tensor]]]:
-    """Part -> (config, cosy state dict) for the llm, flow and vocoder of `src`."""
+def targets(data: dict, source: str) -> dict[str, tuple[Any, torch.nn.Module, Callable[[str], str]]]:
+    """Part -> (cosy config, its model on the meta device, reference-to-cosy name map)
+    for the llm, flow and vocoder sizes of the parsed cosyvoice.yaml `data`."""
     from cosy.flow import FlowModel
     from cosy.flow.checkpoint import reference_to_cosy
     from cosy.llm import LLM
@@ -255,18 +256,21 @@ def convert_weights(src: Path, data: dict) -> dict[str, tuple[Any, dict[str, tor
     from cosy.vocoder.cosyvoice import reference_name
     from cosy.vocoder.hifigan import Generator
 
-    source = str(src / FILES["config"])
     llm, flow, vocoder = llm_config(data, source), flow_config(data, source), vocoder_config(data, source)
     kernels = len(vocoder.generator.resblock_kernels)
     with torch.device("meta"):  # names and shapes only: no allocation at the released sizes
-        models = {"llm": LLM(llm), "flow": FlowModel(flow), "vocoder": Generator(vocoder.generator, vocoder.mel)}
-    renames = {"llm": rename_v1_llm_key, "flow": lambda n: reference_to_cosy(n, flow.regulator_convs),
-               "vocoder": lambda n: reference_name(n, kernels)}
-    configs = {"llm": llm, "flow": flow, "vocoder": vocoder}
+        return {"llm": (llm, LLM(llm), rename_v1_llm_key),
+                "flow": (flow, FlowModel(flow), lambda name: reference_to_cosy(name, flow.regulator_convs)),
+                "vocoder": (vocoder, Generator(vocoder.generator, vocoder.mel),
+                            lambda name: reference_name(name, kernels))}
+
+
+def convert_weights(src: Path, data: dict) -> dict[str, tuple[Any, dict[str, torch.Tensor]]]:
+    """Part -> (config, cosy state dict) for the llm, flow and vocoder of `src`."""
     out = {}
-    for part in ("llm", "flow", "vocoder"):
+    for part, (cfg, model, rename) in targets(data, str(src / FILES["config"])).items():
         path = src / FILES[part]
-        out[part] = (configs[part], map_state(read_state(path), renames[part], models[part], str(path)))
+        out[part] = (cfg, map_state(read_state(path), rename, model, str(path)))
     return out
 
 
