@@ -441,6 +441,9 @@ def test_released_hyperpyyaml_is_read_without_running_its_tags(tmp_path):
     assert data["llm"]["text_encoder_input_size"] == 48 and data["hift"]["sampling_rate"] == 22050
     assert data["flow"]["decoder"]["cfm_params"]["inference_cfg_rate"] == 0.7
     assert data["__set_seed1"] == [1986]  # a tagged call stays plain data
+    path.write_text(small_yaml().replace("!ref <spk_embed_dim>", "!ref <speaker_dim>", 1))
+    with pytest.raises(CosyError, match="speaker_dim"):
+        read_released_yaml(path)
 
 
 # ---------------------------------------------------------------------------- full size

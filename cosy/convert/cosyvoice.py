@@ -60,13 +60,15 @@ def _construct_tagged(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> 
 _TagIgnoringLoader.add_multi_constructor("!", _construct_tagged)
 
 
-def _resolve(value: Any, top: dict) -> Any:
+def _resolve(value: Any, top: dict, path: Path) -> Any:
     if isinstance(value, _Ref):
-        return top.get(str(value), value)
+        if str(value) not in top:
+            raise CosyError(f"{path}: '!ref <{value}>' names no top-level key")
+        return top[str(value)]
     if isinstance(value, dict):
-        return {k: _resolve(v, top) for k, v in value.items()}
+        return {k: _resolve(v, top, path) for k, v in value.items()}
     if isinstance(value, list):
-        return [_resolve(v, top) for v in value]
+        return [_resolve(v, top, path) for v in value]
     return value
 
 
@@ -81,7 +83,7 @@ def read_released_yaml(path: str | Path) -> dict:
         raise CosyError(f"{path}: not a readable yaml file: {err}") from err
     if not isinstance(data, dict):
         raise CosyError(f"{path}: expected a mapping at the top level")
-    return _resolve(data, data)
+    return _resolve(data, data, path)
 
 
 class _Section:
