@@ -366,3 +366,21 @@ def test_pack_accepts_onnx_tokenizer_and_speaker(system, tmp_path):
     np.testing.assert_allclose(prompt.embedding.numpy(), reference.embedding.numpy(), atol=1e-4)  # ONNX rounding
     wave, rate = onnx_tts.synthesize("One more short sentence here.", system["prompt"], seed=0)
     assert rate == RATE and len(wave) > 0
+
+
+def test_redecoder_grows_its_chunks_and_ends_at_the_offline_length(system):
+    import torch
+
+    from cosy.inference.streaming import Redecoder
+
+    tts = system["tts"]
+    flow, prompt = tts.parts.flow, tts.prompt(system["prompt"])
+    decoder = Redecoder(flow, prompt.tokens[None], prompt.mel[None], prompt.embedding[None], chunk_tokens=10,
+                        holdback_tokens=3, growth=2.0)
+    sizes = []
+    for token in torch.randint(0, 64, (100,)).tolist():
+        sizes.append(decoder.push(torch.tensor([[token]])).shape[2])
+    decodes = [i + 1 for i, size in enumerate(sizes) if size]
+    assert decodes == [10, 30, 70]  # chunks of 10, 20, 40 tokens
+    assert sizes[9] == flow.cfg.frames_for(10 - 3)  # the last 3 tokens' frames are held back
+    assert sum(sizes) + decoder.finish().shape[2] == flow.cfg.frames_for(100)

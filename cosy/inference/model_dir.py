@@ -45,8 +45,9 @@ class SynthesisConfig:
     min/max_prompt_seconds: shorter prompts are refused, longer ones trimmed.
     batch_size: sentences decoded together by the LM.
     stream_chunk_tokens: with a non-causal flow decoder, streaming re-decodes all tokens
-        every this many new tokens and emits the new frames except the last
-        `stream_holdback_tokens` tokens' worth, which still lack right context.
+        once this many new tokens have come and emits the new frames except the last
+        `stream_holdback_tokens` tokens' worth, which still lack right context; the chunk
+        then grows by `stream_chunk_growth` (which bounds the total cost).
     """
 
     lang: str = "auto"
@@ -56,6 +57,7 @@ class SynthesisConfig:
     batch_size: int = 8
     stream_chunk_tokens: int = 25
     stream_holdback_tokens: int = 5
+    stream_chunk_growth: float = 2.0
 
 
 @dataclass

@@ -286,7 +286,7 @@ class CosyTTS:
                   if int(step[0]) >= 0)
         decoder = mel_stream(self.parts.flow, prompt.tokens[None], prompt.mel[None], prompt.embedding[None], speed,
                              math.floor(len(ids) * llm.cfg.max_token_text_ratio) + 1, s.stream_chunk_tokens,
-                             s.stream_holdback_tokens)
+                             s.stream_holdback_tokens, s.stream_chunk_growth)
         yield from stream_audio(tokens, decoder, self.parts.vocoder)
 
     @torch.inference_mode()

@@ -3,13 +3,14 @@
 Every speech token the LM draws is pushed on at once, so audio starts before the LM
 has finished. A causal flow decoder (`model.causal: true`) decodes each chunk once
 (`cosy.flow.FlowStream`); a non-causal one is re-run over all tokens so far every
-`stream_chunk_tokens` tokens (`Redecoder`), as the published v1 system does, which
-costs more per chunk as the utterance grows. Either way the mel reaches the vocoder's
+`stream_chunk_tokens` tokens, a chunk that doubles each time (`Redecoder`), as the
+published system does. Either way the mel reaches the vocoder's
 `StreamingVocoder`, whose output joins without seams.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -23,20 +24,22 @@ from cosy.vocoder.streaming import StreamingVocoder
 class Redecoder:
     """Chunked decoding with a non-causal flow model.
 
-    Tokens arrive with `push`; every `chunk_tokens` new tokens the whole target so far is
-    decoded again with the same noise, and the frames not yet returned are emitted except
-    those of the last `holdback_tokens` tokens, which would still change once their right
-    context arrives. `finish` decodes everything and returns the rest, so the frames
+    Tokens arrive with `push`; once `chunk_tokens` new tokens have come, the whole target so
+    far is decoded again with the same noise, and the frames not yet returned are emitted
+    except those of the last `holdback_tokens` tokens, which would still change once their
+    right context arrives. The chunk then grows by `growth` (2: 25, 50, 100, ... tokens), so
+    that all the decodes together cost a small multiple of one offline decode. `finish` decodes everything and returns the rest, so the frames
     returned in total are exactly as many as `FlowModel.inference` gives for all tokens.
     """
 
     def __init__(self, model: FlowModel, prompt_tokens: torch.Tensor, prompt_feat: torch.Tensor,
                  embedding: torch.Tensor, speed: float = 1.0, generator: torch.Generator | None = None,
-                 chunk_tokens: int = 25, holdback_tokens: int = 5):
+                 chunk_tokens: int = 25, holdback_tokens: int = 5, growth: float = 2.0):
         """prompt_tokens (1, n1), prompt_feat (1, n_mels, f1), embedding (1, spk_dim)."""
         self.model, self.speed, self.generator = model, speed, generator
         self.prompt_tokens, self.prompt_feat, self.embedding = prompt_tokens, prompt_feat, embedding
         self.chunk_tokens, self.holdback_tokens = max(1, chunk_tokens), max(0, holdback_tokens)
+        self.growth = max(1.0, growth)
         self.tokens = prompt_tokens.new_zeros(1, 0)
         self.noise = prompt_feat.new_zeros(1, prompt_feat.shape[1], 0)
         self.decoded = 0   # tokens covered by the last decode
@@ -48,6 +51,7 @@ class Redecoder:
         if self.tokens.shape[1] - self.decoded < self.chunk_tokens:
             return self.prompt_feat.new_zeros(1, self.prompt_feat.shape[1], 0)
         keep = self.model.cfg.frames_for(self.tokens.shape[1] - self.holdback_tokens, self.speed)
+        self.chunk_tokens = math.ceil(self.chunk_tokens * self.growth)
         return self._decode(keep)
 
     def finish(self) -> torch.Tensor:
@@ -73,11 +77,11 @@ class Redecoder:
 
 
 def mel_stream(model: FlowModel, prompt_tokens: torch.Tensor, prompt_feat: torch.Tensor, embedding: torch.Tensor,
-               speed: float, max_tokens: int, chunk_tokens: int, holdback_tokens: int):
+               speed: float, max_tokens: int, chunk_tokens: int, holdback_tokens: int, growth: float):
     """A `push(tokens) / finish()` mel decoder suited to `model` (see the module docstring)."""
     if model.cfg.causal:
         return model.stream(prompt_tokens, prompt_feat, embedding, max_tokens=prompt_tokens.shape[1] + max_tokens)
-    return Redecoder(model, prompt_tokens, prompt_feat, embedding, speed, None, chunk_tokens, holdback_tokens)
+    return Redecoder(model, prompt_tokens, prompt_feat, embedding, speed, None, chunk_tokens, holdback_tokens, growth)
 
 
 def stream_audio(tokens: Iterable[int], decoder, vocoder: Generator) -> Iterator[np.ndarray]:
