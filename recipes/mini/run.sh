@@ -3,7 +3,7 @@
 # zero-shot TTS model. Every stage is one or more `cosy` commands; run a range of them
 # with --stage / --stop_stage (each stage reads only what earlier stages wrote under --dir).
 #
-#   recipes/mini/run.sh --size tiny --dir exp/mini_tiny          # CI: about 10 minutes on 2 cores
+#   recipes/mini/run.sh --size tiny --dir exp/mini_tiny          # CI: about 5 minutes on 2 cores
 #   recipes/mini/run.sh --size default --dir exp/mini            # the real small experiment
 #   recipes/mini/run.sh --size default --dir exp/mini --stage 5 --stop_stage 5   # resume training
 #
@@ -88,7 +88,7 @@ train() {  # train MODEL SHARDS [section.key=value ...]: one experiment, resumed
 
 average() { cosy average "$exp/$1" --best "$average_num" --out "$exp/$1/model.safetensors"; }
 
-vocab_size() { python -c "from cosy.text.bpe import TextTokenizer; print(TextTokenizer.load('$1').vocab_size)"; }
+vocab_size() { python -c "import sys; from cosy.text.bpe import TextTokenizer; print(TextTokenizer.load(sys.argv[1]).vocab_size)" "$1"; }
 
 # The speaker model used for embeddings and evaluation: given, or trained in stage 1.
 speaker=${speaker_model:-$exp/speaker/model.safetensors}
