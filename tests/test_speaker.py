@@ -122,6 +122,13 @@ def test_ecapa_embedding_size_flows_from_config():
         assert encoder(torch.randn(2, frames, 80)).shape == (2, 29)
 
 
+def test_block_lists_of_different_lengths_name_the_config_keys():
+    with pytest.raises(CosyError, match=r"'model\.campplus\.block_layers'.*got 2, 3 and 3"):
+        CAMPPlus(CAMPPlusConfig(block_layers=[12, 24]))
+    with pytest.raises(CosyError, match=r"'model\.ecapa_tdnn\.block_kernels'.*got 1 and 3"):
+        ECAPATDNN(ECAPAConfig(block_kernels=[3]))
+
+
 def test_published_sizes_are_the_defaults():
     campplus, ecapa = CAMPPlus(CAMPPlusConfig()), ECAPATDNN(ECAPAConfig())
     assert 6.5e6 < sum(p.numel() for p in campplus.parameters()) < 7.5e6  # CAM++: about 7 M

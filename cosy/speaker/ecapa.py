@@ -119,7 +119,8 @@ class ECAPATDNN(nn.Module):
     def __init__(self, cfg: ECAPAConfig):
         super().__init__()
         if len(cfg.block_kernels) != len(cfg.block_dilations):
-            raise CosyError("ecapa_tdnn: block_kernels and block_dilations must have the same length")
+            raise CosyError("config keys 'model.ecapa_tdnn.block_kernels' and 'block_dilations' must have the same "
+                            f"length, got {len(cfg.block_kernels)} and {len(cfg.block_dilations)}")
         self.cfg = cfg
         self.stem = TDNN(cfg.feat_dim, cfg.channels, kernel=5)
         self.blocks = nn.ModuleList(SERes2Block(cfg, k, d) for k, d in zip(cfg.block_kernels, cfg.block_dilations))

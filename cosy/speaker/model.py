@@ -183,7 +183,9 @@ class CAMPPlus(nn.Module):
         super().__init__()
         lengths = {len(cfg.block_layers), len(cfg.block_kernels), len(cfg.block_dilations)}
         if len(lengths) != 1:
-            raise CosyError("campplus: block_layers, block_kernels and block_dilations must have the same length")
+            raise CosyError("config keys 'model.campplus.block_layers', 'block_kernels' and 'block_dilations' "
+                            f"must have the same length, got {len(cfg.block_layers)}, {len(cfg.block_kernels)} "
+                            f"and {len(cfg.block_dilations)}")
         self.cfg = cfg
         self.fcm = FrontConvModule(cfg)
         channels = cfg.init_channels
