@@ -339,7 +339,7 @@ def test_cli_errors_name_the_file(tmp_path, capsys):
     assert "config.yaml" in capsys.readouterr().err
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"task": "tokenizer", "model": tiny_model_dict()}))
     assert cli_main(["export", "tokenizer", str(tmp_path / "w.safetensors"), "--onnx", str(tmp_path / "o.onnx")]) == 1
-    assert "w.safetensors does not fit" in capsys.readouterr().err
+    assert "cannot read checkpoint" in (err := capsys.readouterr().err) and "w.safetensors" in err
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"task": "flow", "model": {}}))
     assert cli_main(["export", "tokenizer", str(tmp_path / "w.safetensors"), "--onnx", str(tmp_path / "o.onnx")]) == 1
     assert "not 'tokenizer'" in capsys.readouterr().err

@@ -32,8 +32,8 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
+from cosy.checkpoint import load_weights
 from cosy.errors import CosyError
 from cosy.modules.transformer import rename_espnet_encoder_key
 
@@ -94,10 +94,11 @@ def convert_reference_state(state: dict[str, torch.Tensor], regulator_convs: int
     return {reference_to_cosy(k, regulator_convs): v for k, v in state.items()}
 
 
-def check_compatible(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Raise a CosyError naming the config key when `state` does not fit `model`'s config."""
+def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path,
+               config_path: str | Path | None = None) -> torch.nn.Module:
+    """Load a cosy-named state dict into `model`; a size that differs from the config is
+    reported with its config key, any other mismatch with the parameter's name."""
     cfg = model.cfg
-    expected = model.state_dict()
     checks = (
         ("embedding.weight", 0, "model.vocab_size", cfg.vocab_size),
         ("spk_proj.weight", 1, "model.spk_dim", cfg.spk_dim),
@@ -107,38 +108,5 @@ def check_compatible(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     for key, dim, config_key, value in checks:
         if key in state and state[key].shape[dim] != value:
             raise CosyError(f"{source}: checkpoint has {config_key} = {state[key].shape[dim]} "
-                            f"({key} {tuple(state[key].shape)}) but the config says {value}")
-    missing = sorted(set(expected) - set(state))
-    extra = sorted(set(state) - set(expected))
-    if missing or extra:
-        raise CosyError(f"{source}: parameters do not match the config: "
-                        f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-                        f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise CosyError(f"{source}: parameter '{key}' has shape {tuple(tensor.shape)}, the config "
-                            f"gives {tuple(expected[key].shape)}")
-
-
-def load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Check and load a cosy-named state dict into `model`."""
-    check_compatible(model, state, source)
-    model.load_state_dict(state)
-
-
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file, or the `model` entry of a cosy .pt checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise CosyError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            return load_file(str(path))
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # corrupt or foreign files raise many types
-        raise CosyError(f"cannot read checkpoint {path}: {err}") from err
-    if isinstance(data, dict) and isinstance(data.get("model"), dict):
-        data = data["model"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CosyError(f"checkpoint {path} holds no state dict of tensors")
-    return data
+                            f"({key} {tuple(state[key].shape)}) but {config_path or 'the config'} says {value}")
+    return load_weights(model, state, source, config_path)

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cosy import config as cfgio
-from cosy.errors import CosyError
-from cosy.flow.checkpoint import load_state, read_weights
+from cosy.checkpoint import read_experiment, read_model_config
+from cosy.flow.checkpoint import load_state
 from cosy.flow.model import FlowConfig, FlowModel
 
 INPUTS = ("x", "mask", "mu", "t", "spks", "cond")
@@ -58,26 +57,13 @@ def onnx_max_diff(model: FlowModel, path: str | Path, frames: int = 61) -> float
 
 
 def load_model(source: str | Path, config: str | Path | None = None) -> FlowModel:
-    """A FlowModel from a checkpoint (config from `config`, or config.yaml beside it)
-    or from a config file alone (random weights)."""
+    """A FlowModel from a checkpoint (config from `config`, else config.yaml beside it or one
+    folder up) or from an experiment config file alone (random weights)."""
     source = Path(source)
-    if not source.is_file():
-        raise CosyError(f"flow checkpoint or config not found: {source}")
-    is_config = source.suffix in (".yaml", ".yml")
-    config_path = Path(config) if config else (source if is_config else source.parent / "config.yaml")
-    data = cfgio.load_yaml(config_path)
-    if "model" in data or "task" in data:
-        if data.get("task", "flow") != "flow":
-            raise CosyError(f"{config_path}: task is '{data.get('task')}', not 'flow'")
-        data = data.get("model") or {}
-    try:
-        flow_cfg = cfgio.from_dict(FlowConfig, data, "model")
-    except CosyError as err:
-        raise CosyError(f"{config_path}: {err}") from err
-    model = FlowModel(flow_cfg)
-    if not is_config:
-        load_state(model, read_weights(source), str(source))
-    return model.eval()
+    if source.suffix in (".yaml", ".yml"):
+        return FlowModel(read_model_config(source, "flow", FlowConfig)).eval()
+    cfg, state, config_path = read_experiment(source, "flow", FlowConfig, config)
+    return load_state(FlowModel(cfg), state, source, config_path).eval()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
-from safetensors.torch import load_file
 
 from cosy import __version__
 from cosy import config as cfgio
+from cosy.checkpoint import CONFIG, find_experiment_config, load_weights, model_section, read_experiment, read_weights
 from cosy.errors import CosyError
 from cosy.train.checkpoint import Checkpoints, save_weights
 
@@ -114,18 +113,18 @@ def resolve_source(part: str, source: str | Path) -> tuple[Path, Path | None]:
         if part not in ONNX_PARTS:
             raise CosyError(f"{flag} {source}: only the tokenizer and speaker encoder may be ONNX files")
         return source, None
-    config = source.parent / "config.yaml"
-    if not config.is_file():
-        raise CosyError(f"{flag} {source}: no config.yaml next to the weights file")
-    return source, config
+    try:
+        return source, find_experiment_config(source)
+    except CosyError as err:
+        raise CosyError(f"{flag}: {err}") from err
 
 
 def _part_config(part: str, config: Path, folder: Path) -> dict:
     """The `task` and `model` sections of an experiment config, made self-contained."""
-    data = cfgio.load_yaml(config)
-    if data.get("task") != part:
-        raise CosyError(f"--{part}: {config} has task {data.get('task')!r}, expected '{part}'")
-    model = dict(data.get("model") or {})
+    try:
+        model = model_section(config, part)
+    except CosyError as err:
+        raise CosyError(f"--{part}: {err}") from err
     if part == "llm":
         model["tokenizer"] = ""  # training-time path; the model dir carries its own tokenizer.json
         if model.get("backbone") == "hf":
@@ -146,11 +145,9 @@ def _copy_weights(part: str, weights: Path, target: Path) -> None:
         shutil.copy(weights, target)
         return
     try:
-        state = load_file(str(weights))
-    except Exception as err:  # safetensors raises several types for bad files
-        raise CosyError(f"--{part}: cannot read {weights}: {err}") from err
-    if any(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = read_weights(weights, prefix)
+    except CosyError as err:
+        raise CosyError(f"--{part}: {err}") from err
     save_weights(target, state)
 
 
@@ -250,46 +247,21 @@ def load(directory: str | Path, device: str = "cpu") -> Parts:
     return parts
 
 
-def _experiment(path: Path, task: str, config_cls: type):
-    config = path.parent / "config.yaml"
-    data = cfgio.load_yaml(config)
-    if data.get("task") != task:
-        raise CosyError(f"{config}: task is {data.get('task')!r}, expected '{task}'")
-    try:
-        return cfgio.from_dict(config_cls, data.get("model"), "model")
-    except CosyError as err:
-        raise CosyError(f"{config}: {err}") from err
-
-
 def _load_llm(path: Path, device: str):
     from cosy.llm import LLM, LLMConfig
 
-    cfg = _experiment(path, "llm", LLMConfig)
+    cfg, state, config = read_experiment(path, "llm", LLMConfig, path.parent / CONFIG)
     if cfg.backbone == "hf":
         cfg.hf_dir = str(path.parent / cfg.hf_dir)
-    model = LLM(cfg)
-    _load_state(model, path, "llm")
-    return model.to(device).eval()
+    return load_weights(LLM(cfg), state, path, config).to(device).eval()
 
 
 def _load_flow(path: Path, device: str):
     from cosy.flow import FlowConfig, FlowModel
-    from cosy.flow.checkpoint import load_state, read_weights
+    from cosy.flow.checkpoint import load_state
 
-    model = FlowModel(_experiment(path, "flow", FlowConfig))
-    load_state(model, read_weights(path), str(path))
-    return model.to(device).eval()
-
-
-def _load_state(model: torch.nn.Module, path: Path, part: str) -> None:
-    try:
-        state = load_file(str(path))
-    except Exception as err:  # safetensors raises several types for bad files
-        raise CosyError(f"cannot read {part} weights {path}: {err}") from err
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise CosyError(f"{part} weights {path} do not fit {path.parent / 'config.yaml'}: {err}") from err
+    cfg, state, config = read_experiment(path, "flow", FlowConfig, path.parent / CONFIG)
+    return load_state(FlowModel(cfg), state, path, config).to(device).eval()
 
 
 def text_vocab(llm) -> int:

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from cosy import config as config_io
+from cosy.checkpoint import load_weights, read_experiment
 from cosy.errors import CosyError
 from cosy.speaker.features import file_features
 from cosy.speaker.model import SpeakerConfig, SpeakerEncoder, build_encoder
@@ -30,30 +29,9 @@ log = logging.getLogger(__name__)
 
 def load_checkpoint(path: str | Path) -> SpeakerEncoder:
     """The embedding network of a `task: speaker` checkpoint, in eval mode."""
-    path = Path(path)
-    config_path = path.parent / "config.yaml"
-    if not config_path.is_file():
-        raise CosyError(f"speaker model {path}: no config.yaml next to it (expected {config_path})")
-    experiment = config_io.load_yaml(config_path)
-    if experiment.get("task") != "speaker":
-        raise CosyError(f"{config_path}: 'task' is {experiment.get('task')!r}, expected 'speaker'")
-    try:
-        cfg = config_io.from_dict(SpeakerConfig, experiment.get("model"), "model")
-    except CosyError as err:
-        raise CosyError(f"{config_path}: {err}") from err
-    try:
-        state = load_file(str(path))
-    except (OSError, SafetensorError) as err:
-        raise CosyError(f"cannot read speaker checkpoint {path}: {err}") from err
     # A training checkpoint also holds the classifier; only the encoder is needed here.
-    if any(k.startswith("encoder.") for k in state):
-        state = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    encoder = build_encoder(cfg)
-    try:
-        encoder.load_state_dict(state)
-    except RuntimeError as err:
-        raise CosyError(f"speaker checkpoint {path} does not match {config_path}: {err}") from err
-    return encoder.eval()
+    cfg, state, config_path = read_experiment(path, "speaker", SpeakerConfig, prefix="encoder.")
+    return load_weights(build_encoder(cfg), state, path, config_path).eval()
 
 
 class TorchEncoder:

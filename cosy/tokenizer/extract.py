@@ -4,7 +4,7 @@
 
 writes DIR/utt2speech_token.safetensors (one int32 1-D tensor per utterance id), which
 `cosy data shards` picks up. MODEL is either a cosy checkpoint (`step_N.safetensors` or an
-averaged `.safetensors`, with the experiment's `config.yaml` in the same folder) or an ONNX
+averaged `.safetensors`, with the experiment's `config.yaml` beside it or one folder up) or an ONNX
 file with the released speech-tokenizer contract: input 0 float32 [B, 128, T] log-mel,
 input 1 int32 [B] frame counts, output 0 integer tokens [B, ceil(T / r)], r = 2 or 4.
 
@@ -31,11 +31,10 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save as save_numpy
-from safetensors.torch import load_file as load_torch
 from torch.utils.data import DataLoader, Dataset
 
 from cosy.audio import WhisperMelConfig, load_audio, whisper_log_mel
-from cosy.config import from_dict, load_yaml
+from cosy.checkpoint import load_weights, read_experiment
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
 from cosy.tokenizer.model import TokenizerConfig, TokenizerModel
@@ -48,25 +47,8 @@ OUTPUT = "utt2speech_token.safetensors"
 
 def load_checkpoint(path: str | Path, device: str = "cpu") -> TokenizerModel:
     """A trained TokenizerModel from `path` (safetensors weights, config.yaml beside it)."""
-    path = Path(path)
-    config = path.parent / "config.yaml"
-    if not path.is_file():
-        raise CosyError(f"tokenizer checkpoint not found: {path}")
-    if not config.is_file():
-        raise CosyError(f"tokenizer checkpoint {path}: no config.yaml next to it (expected {config})")
-    data = load_yaml(config)
-    if data.get("task") != "tokenizer":
-        raise CosyError(f"{config}: task is {data.get('task')!r}, not 'tokenizer'")
-    try:
-        cfg = from_dict(TokenizerConfig, data.get("model"), "model")
-    except CosyError as err:
-        raise CosyError(f"{config}: {err}") from err
-    model = TokenizerModel(cfg)
-    try:
-        model.load_state_dict(load_torch(str(path)))
-    except Exception as err:  # safetensors has its own error type; load_state_dict raises RuntimeError
-        raise CosyError(f"tokenizer checkpoint {path} does not fit {config}: {err}") from err
-    return model.to(device).eval()
+    cfg, state, config_path = read_experiment(path, "tokenizer", TokenizerConfig)
+    return load_weights(TokenizerModel(cfg), state, path, config_path).to(device).eval()
 
 
 class TorchBackend:
