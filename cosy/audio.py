@@ -25,6 +25,7 @@ import soxr
 import torch
 
 from cosy.errors import CosyError
+from cosy.modules.masks import lengths_to_mask
 
 
 def load_audio(source: str | Path | bytes, sample_rate: int | None = None) -> tuple[np.ndarray, int]:
@@ -183,7 +184,7 @@ def whisper_log_mel(wave: torch.Tensor, cfg: WhisperMelConfig,
     log_mel = torch.log10(torch.clamp(basis @ power, min=1e-10))
     frames = whisper_frames(lengths, cfg)
     log_mel = log_mel[..., :int(frames.max())]
-    valid = _frame_mask(frames, log_mel.shape[-1])[:, None, :]
+    valid = lengths_to_mask(frames, log_mel.shape[-1])[:, None, :]
     peak = log_mel.masked_fill(~valid, float("-inf")).amax(dim=(1, 2), keepdim=True)
     log_mel = torch.maximum(log_mel, peak - cfg.dynamic_range)
     return _mask_frames((log_mel + 4.0) / 4.0, frames)
@@ -228,7 +229,7 @@ def kaldi_fbank(wave: torch.Tensor, cfg: FbankConfig, lengths: torch.Tensor | No
     banks = _kaldi_mel_banks(cfg, wave.device, wave.dtype)
     # Kaldi floors the energies at float32 epsilon before the log.
     fbank = torch.log(torch.clamp(power[..., :-1] @ banks.T, min=torch.finfo(torch.float32).eps))
-    valid = _frame_mask(frames, num_frames)[:, :, None]
+    valid = lengths_to_mask(frames, num_frames)[:, :, None]
     if cfg.mean_norm:
         mean = fbank.masked_fill(~valid, 0.0).sum(dim=1, keepdim=True) / frames[:, None, None]
         fbank = fbank - mean
@@ -260,13 +261,9 @@ def _pad_per_utterance(wave: torch.Tensor, lengths: torch.Tensor, left: int, rig
     return torch.gather(wave, 1, index.clamp(0, wave.shape[1] - 1))
 
 
-def _frame_mask(frames: torch.Tensor, total: int) -> torch.Tensor:
-    return torch.arange(total, device=frames.device)[None, :] < frames[:, None]
-
-
 def _mask_frames(features: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     """Zero the frames of `features` (batch, channels, time) beyond each row's count."""
-    return features.masked_fill(~_frame_mask(frames, features.shape[-1])[:, None, :], 0.0)
+    return features.masked_fill(~lengths_to_mask(frames, features.shape[-1])[:, None, :], 0.0)
 
 
 @functools.lru_cache(maxsize=32)

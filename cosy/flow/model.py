@@ -168,7 +168,7 @@ class FlowModel(nn.Module):
         longest = (feat_len.float() * self.cfg.cfm.prompt_max).long()
         size = (torch.rand(b, device=feat.device) * (longest + 1).float()).long()
         size = size * (torch.rand(b, device=feat.device) < self.cfg.cfm.prompt_prob)
-        keep = torch.arange(t, device=feat.device) < size.unsqueeze(1)
+        keep = lengths_to_mask(size, t)
         return feat * keep.unsqueeze(1)
 
     # ---------------------------------------------------------------------- inference

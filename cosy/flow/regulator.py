@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cosy.flow.estimator import Cache, ConvBlock
+from cosy.modules.masks import lengths_to_mask
 
 
 def interpolate(h: torch.Tensor, frames: int) -> torch.Tensor:
@@ -43,7 +44,7 @@ class LengthRegulator(nn.Module):
             x = F.pad(x, (0, total - x.shape[2]))
         else:
             x = interpolate(x, total)
-        mask = torch.arange(total, device=h.device) < frames.unsqueeze(1)
+        mask = lengths_to_mask(frames, total)
         return self.convs(x) * mask.unsqueeze(1)
 
     def expand(self, h: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:

@@ -137,7 +137,7 @@ class HFBackbone(nn.Module):
         slots = torch.arange(cache.used, cache.used + n, device=x.device)
         if slots[-1] >= cache.valid.size(1):
             raise ValueError(f"KV cache of {cache.valid.size(1)} positions is full")
-        cache.valid[:, slots] = (torch.arange(n, device=x.device)[None] < lengths[:, None]).long()
+        cache.valid[:, slots] = lengths_to_mask(lengths, n).long()
         positions = cache.fill[:, None] + torch.arange(n, device=x.device)
         out = self.model(inputs_embeds=x, attention_mask=cache.valid[:, : cache.used + n], position_ids=positions,
                          cache=cache.kv, use_cache=True, cache_position=slots)

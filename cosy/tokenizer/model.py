@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from cosy.audio import WhisperMelConfig, whisper_log_mel
 from cosy.errors import CosyError
-from cosy.modules import Encoder, EncoderConfig
+from cosy.modules import Encoder, EncoderConfig, lengths_to_mask
 from cosy.tokenizer.asr_head import AttentionDecoder, DecoderConfig, ctc_loss, greedy_ctc
 from cosy.tokenizer.quantize import QuantizerConfig, build_quantizer
 
@@ -143,7 +143,7 @@ class TokenizerModel(nn.Module):
         with -1, text_lengths -> loss terms."""
         self._check_length(batch["feats"])
         x, lengths = self.encode(batch["feats"], batch["feats_lengths"])
-        mask = torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]
+        mask = lengths_to_mask(lengths, x.shape[1])
         x, _, losses = self.quantizer(x, mask)
         x, lengths = self.encoder2(x, lengths)
         out = {"ctc": ctc_loss(self.ctc(x), lengths, batch["text_ids"], batch["text_lengths"], self.blank)}
@@ -172,7 +172,7 @@ class TokenizerModel(nn.Module):
         """Greedy CTC decoding of the model's own ASR head -> BPE ids per utterance."""
         self._check_length(feats)
         x, lengths = self.encode(feats, lengths.long())
-        mask = torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]
+        mask = lengths_to_mask(lengths, x.shape[1])
         x, _, _ = self.quantizer(x, mask)
         x, lengths = self.encoder2(x, lengths)
         return greedy_ctc(self.ctc(x), lengths, self.blank)
