@@ -147,7 +147,7 @@ def transcription_scores(backend: TorchBackend, items, data: DataDir, batch_size
     hyps = [normalise_for_wer(text_tokenizer.decode(hypotheses[u].tolist())) for u in utts]
     keep = [i for i, r in enumerate(refs) if r]
     if not keep:
-        raise CosyError("no utterance has a transcript left after WER normalisation")
+        raise CosyError(f"{data.path}/text: no utterance has a transcript left after WER normalisation")
     refs, hyps = [refs[i] for i in keep], [hyps[i] for i in keep]
     return {"wer": jiwer.wer(refs, hyps), "cer": jiwer.cer(refs, hyps), "utterances": len(keep),
             "examples": [{"utt": utts[i], "ref": r, "hyp": h} for i, r, h in zip(keep[:3], refs, hyps)]}
