@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from cosy.checkpoint import load_weights
 from cosy.errors import CosyError
 from cosy.llm.model import LLM
 from cosy.modules import rename_espnet_encoder_key
@@ -44,14 +45,4 @@ def convert_v1_llm_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def load_v1_llm_state(model: LLM, state: dict[str, Tensor]) -> None:
     """Load a reference v1 LM state dict; CosyError naming any missing or left-over tensor."""
-    converted = convert_v1_llm_state(state)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(converted))
-    extra = sorted(set(converted) - set(expected))
-    if missing or extra:
-        raise CosyError(f"v1 LM checkpoint does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, tensor in converted.items():
-        if tensor.shape != expected[name].shape:
-            raise CosyError(f"v1 LM checkpoint: '{name}' has shape {tuple(tensor.shape)}, "
-                            f"the model expects {tuple(expected[name].shape)}")
-    model.load_state_dict(converted, strict=True)
+    load_weights(model, convert_v1_llm_state(state), "v1 LM checkpoint")
