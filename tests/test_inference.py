@@ -122,7 +122,7 @@ def test_pack_cli_errors(system, tmp_path, capsys):
 # ---------------------------------------------------------------------------- synthesis
 
 
-def test_synthesize_cli_writes_a_wav_of_plausible_length(system, tmp_path, capsys):
+def test_synthesize_cli_writes_a_wav_of_plausible_length(system, tmp_path):
     out = tmp_path / "out.wav"
     assert cli("synthesize", "--text", TEXT, "--prompt-wav", system["prompt"], "--model-dir", system["model"],
                "--out", out, "--seed", 1) == 0

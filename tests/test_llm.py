@@ -124,13 +124,12 @@ def test_stream_yields_each_token_as_drawn(hf_dir):
     assert rows == generate(model, *args, seed=2)
 
 
-@pytest.mark.parametrize("eos_bias,ratio", [(100.0, 2.0), (-100.0, 3.0)])
-def test_min_and_max_length_are_ratios_of_text_length(eos_bias, ratio, hf_dir):
-    model = build("transformer", hf_dir, max_token_text_ratio=3.5)
+@pytest.mark.parametrize("eos_bias,limit", [(100.0, 2.0), (-100.0, 3.5)])
+def test_min_and_max_length_are_ratios_of_text_length(eos_bias, limit, hf_dir):
+    model = build("transformer", hf_dir, min_token_text_ratio=2.0, max_token_text_ratio=3.5)
     with torch.no_grad():
-        model.head.bias[model.eos] = eos_bias  # eos as soon as allowed / never
+        model.head.bias[model.eos] = eos_bias  # eos as soon as allowed (min ratio) / never (max ratio)
     rows = generate(model, *inputs(ITEMS), seed=0)
-    limit = 2.0 if eos_bias > 0 else 3.5
     assert [len(r) for r in rows] == [math.floor(limit * len(item[0])) for item in ITEMS]
 
 
@@ -210,7 +209,7 @@ def test_hf_backbone_loads_checkpoint_weights(tmp_path):
     assert model.head.out_features == 25 and model.speech_embedding.weight.shape == (24, 32)
 
 
-def test_task_tokenises_filters_and_collates(tmp_path, hf_dir):
+def test_task_tokenises_filters_and_collates(tmp_path):
     from cosy.text.bpe import TextTokenizer
 
     corpus = tmp_path / "corpus.txt"
