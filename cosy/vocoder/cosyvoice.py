@@ -26,6 +26,7 @@ import re
 import torch
 
 from cosy.audio import MelConfig
+from cosy.checkpoint import load_weights
 from cosy.errors import CosyError
 from cosy.vocoder.hifigan import Generator, GeneratorConfig
 from cosy.vocoder.hift import SourceConfig
@@ -98,14 +99,4 @@ def convert_reference_state(state: dict[str, torch.Tensor], num_kernels: int = 3
 
 def load_reference_state(generator: Generator, state: dict[str, torch.Tensor], source: str = "<state>") -> None:
     """Load a reference HiFT state_dict into `generator`, requiring every tensor to match."""
-    converted = convert_reference_state(state, len(generator.cfg.resblock_kernels))
-    own = generator.state_dict()
-    missing = sorted(set(own) - set(converted))
-    unexpected = sorted(set(converted) - set(own))
-    if missing or unexpected:
-        raise CosyError(f"{source}: HiFT tensors missing: {missing[:5]}{'...' if len(missing) > 5 else ''}; "
-                        f"left over: {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
-    for name, tensor in converted.items():
-        if tuple(tensor.shape) != tuple(own[name].shape):
-            raise CosyError(f"{source}: {name} has shape {tuple(tensor.shape)}, expected {tuple(own[name].shape)}")
-    generator.load_state_dict(converted)
+    load_weights(generator, convert_reference_state(state, len(generator.cfg.resblock_kernels)), source)
