@@ -7,6 +7,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from cosy.data.kaldi import read_entries
 from cosy.errors import CosyError
 
 
@@ -26,10 +27,7 @@ def transcripts(data_dirs: list[str]) -> list[str]:
         table = Path(data) / "text"
         if not table.is_file():
             raise CosyError(f"--data {data}: no `text` file in it")
-        for line in table.read_text(encoding="utf-8").splitlines():
-            parts = line.split(maxsplit=1)
-            if len(parts) == 2:
-                lines.append(parts[1])
+        lines += [entry.value for entry in read_entries(table, []) if entry.value]
     if not lines:
         raise CosyError(f"--data {', '.join(data_dirs)}: no transcripts to learn from")
     return lines
