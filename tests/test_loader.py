@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cosy.data.loader import DataConfig, ShardDataset, make_loader, read_shard_list
+from cosy.data.loader import DataConfig, ShardDataset, make_loader
+from cosy.data.shards import read_list
 from cosy.errors import CosyError
 from toy_task import TASK, ToyConfig, make_rows, write_shards
 
@@ -107,15 +108,15 @@ def test_dropped_and_failing_rows_are_skipped_and_failures_logged(tmp_path, capl
 
 def test_missing_empty_or_broken_shard_lists_fail_naming_the_file(tmp_path):
     with pytest.raises(CosyError, match="shard list not found: .*nothing.list"):
-        read_shard_list(tmp_path / "nothing.list")
+        read_list(tmp_path / "nothing.list")
     (tmp_path / "empty.list").write_text("\n")
     with pytest.raises(CosyError, match="empty.list is empty"):
-        read_shard_list(tmp_path / "empty.list")
+        read_list(tmp_path / "empty.list")
     listing = write_shards(tmp_path / "a", make_rows(4), 2)
     missing = listing.read_text().split()[1]
     Path(missing).unlink()
     with pytest.raises(CosyError, match=f"shard file not found: {missing} \\(line 2"):
-        read_shard_list(listing)
+        read_list(listing)
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"not parquet at all")
     (tmp_path / "broken.list").write_text(f"{broken}\n")

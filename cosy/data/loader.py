@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cosy.data.shards import read_list
 from cosy.errors import CosyError
 from cosy.train.task import Row, Task
 
@@ -65,21 +66,6 @@ class BatchInfo:
     frames: int
 
 
-def read_shard_list(path: str | Path) -> list[str]:
-    """Shard paths listed one per line in `path` (relative ones relative to its folder);
-    checks that each exists."""
-    path = Path(path)
-    if not path.is_file():
-        raise CosyError(f"shard list not found: {path}")
-    shards = [str(path.parent / line.strip()) for line in path.read_text().splitlines() if line.strip()]
-    if not shards:
-        raise CosyError(f"shard list {path} is empty")
-    for number, shard in enumerate(shards, 1):
-        if not Path(shard).is_file():
-            raise CosyError(f"shard file not found: {shard} (line {number} of {path})")
-    return shards
-
-
 class ShardDataset(IterableDataset):
     """Batches of one epoch of the shards in `list_path`, for one rank.
 
@@ -91,7 +77,7 @@ class ShardDataset(IterableDataset):
     def __init__(self, list_path: str | Path, task: Task, model_config: Any, config: DataConfig,
                  train: bool, rank: int = 0, world_size: int = 1):
         self.list_path = str(list_path)
-        self.shards = read_shard_list(list_path)
+        self.shards = read_list(list_path)
         self.task = task
         self.processors = task.processors(model_config, train)
         self.config = config

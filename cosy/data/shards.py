@@ -135,9 +135,15 @@ def read_shard(path: str | Path, batch_size: int = 64) -> Iterator[dict]:
 
 
 def read_list(path: str | Path) -> list[Path]:
-    """Shard paths of a `data.list` file (one per line; relative ones are taken from its folder)."""
+    """Shard paths of a `data.list` file (one per line; relative ones are taken from its
+    folder); CosyError when the list is missing or empty or names a missing shard."""
     path = Path(path)
     if not path.is_file():
         raise CosyError(f"shard list not found: {path}")
-    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return [p if p.is_absolute() else path.parent / p for p in map(Path, lines)]
+    shards = [path.parent / line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not shards:
+        raise CosyError(f"shard list {path} is empty")
+    for number, shard in enumerate(shards, 1):
+        if not shard.is_file():
+            raise CosyError(f"shard file not found: {shard} (line {number} of {path})")
+    return shards
