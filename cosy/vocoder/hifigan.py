@@ -9,6 +9,7 @@ spectrum that an inverse STFT turns into samples.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -143,7 +144,7 @@ class Generator(nn.Module):
         src = cfg.source
         self.stages = nn.ModuleList(
             UpsampleStage(channels[i], channels[i + 1], rate, kernel, cfg,
-                          source_stride=_prod(rates[i + 1:]) if src is not None else None,
+                          source_stride=math.prod(rates[i + 1:]) if src is not None else None,
                           source_kernel=src.resblock_kernels[i] if src is not None else 0,
                           source_dilations=src.resblock_dilations[i] if src is not None else [],
                           pad_left=istft and i == len(rates) - 1)
@@ -204,8 +205,6 @@ class Generator(nn.Module):
         source = self.make_source(f0, lengths, stochastic=stochastic)
         return self.decode(mel, source, lengths), f0
 
-    # ---- helpers -------------------------------------------------------------------------
-
     def _masks(self, lengths: torch.Tensor | None, frames: int) -> list[torch.Tensor | None]:
         """Masks at the input and after each stage (None without lengths)."""
         if lengths is None:
@@ -242,13 +241,6 @@ class Generator(nn.Module):
         return self
 
 
-def _prod(values: list[int]) -> int:
-    out = 1
-    for v in values:
-        out *= v
-    return out
-
-
 def _check(cfg: GeneratorConfig, mel: MelConfig) -> None:
     where = "model.generator"
     if len(cfg.upsample_rates) != len(cfg.upsample_kernels):
@@ -258,7 +250,7 @@ def _check(cfg: GeneratorConfig, mel: MelConfig) -> None:
                         "even number (so that a stage gives exactly rate x frames)")
     if len(cfg.resblock_kernels) != len(cfg.resblock_dilations):
         raise CosyError(f"{where}.resblock_dilations must have one list per resblock kernel")
-    total = _prod(cfg.upsample_rates) * (cfg.istft_hop if cfg.istft_n_fft > 0 else 1)
+    total = math.prod(cfg.upsample_rates) * (cfg.istft_hop if cfg.istft_n_fft > 0 else 1)
     if total != mel.hop_length:
         raise CosyError(f"{where}.upsample_rates multiply to {total} samples per frame"
                         f"{' (with istft_hop)' if cfg.istft_n_fft else ''} but model.mel.hop_length is {mel.hop_length}")
