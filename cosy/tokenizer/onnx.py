@@ -31,7 +31,7 @@ class _Tokens(nn.Module):
 def export_onnx(model: TokenizerModel, path: str | Path) -> Path:
     """Write `model`'s tokenizer (log-mel -> codes) to `path`."""
     if model.quantizer.codebook_size == 0:
-        raise CosyError("this tokenizer was trained with quantizer kind 'none': it has no tokens to export")
+        raise CosyError("this tokenizer was trained with model.quantizer.kind 'none': it has no tokens to export")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # the exporter restores the wrapper's train/eval mode recursively afterwards: keep it in eval

@@ -74,10 +74,10 @@ class NoQuantizer(Quantizer):
         return x, None, {}
 
     def encode(self, x):
-        raise CosyError("this tokenizer was trained with quantizer kind 'none': it has no discrete tokens")
+        raise CosyError("this tokenizer was trained with model.quantizer.kind 'none': it has no discrete tokens")
 
     def decode(self, indices):
-        raise CosyError("this tokenizer was trained with quantizer kind 'none': it has no discrete tokens")
+        raise CosyError("this tokenizer was trained with model.quantizer.kind 'none': it has no discrete tokens")
 
 
 class FSQ(Quantizer):
