@@ -185,9 +185,6 @@ def test_input_errors_name_the_problem(hf_dir):
         model.prepare(*inputs([(list(range(1, 16)), list(range(1, 8)), [])]))
     with pytest.raises(CosyError, match="speech vocabulary of 24"):
         model.prepare(*inputs([([1, 2], [], [3, 24])]))
-    with pytest.raises(CosyError, match="model.speech_vocab"):
-        model.check_speech_vocab(4096)
-    model.check_speech_vocab(24)
     short = build("transformer", hf_dir, lm=tiny_config().lm.__class__(**{**vars(tiny_config().lm), "max_len": 30}))
     with pytest.raises(CosyError, match="text too long"):
         generate(short, *inputs([(list(range(1, 15)), [], [])]))

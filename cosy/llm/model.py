@@ -180,12 +180,6 @@ class LLM(nn.Module):
     def uses_speaker(self) -> bool:
         return self.cfg.backbone == "transformer"
 
-    def check_speech_vocab(self, size: int, where: str = "speech tokenizer") -> None:
-        """CosyError unless the speech tokenizer's codebook matches this LM's vocabulary."""
-        if size != self.cfg.speech_vocab:
-            raise CosyError(f"{where} has {size} speech tokens but the LM was built for "
-                            f"{self.cfg.speech_vocab} (config key 'model.speech_vocab')")
-
     def encode_text(self, tokens: Tensor, lengths: Tensor) -> Tensor:
         """(batch, time) text ids -> (batch, time, width) LM input rows."""
         if self.cfg.backbone == "hf":
