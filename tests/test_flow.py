@@ -21,6 +21,7 @@ from cosy.flow.model import FlowConfig, FlowModel
 from cosy.flow.onnx import export_estimator, load_model, onnx_max_diff
 from cosy.flow.task import TASK
 from cosy.modules.transformer import EncoderConfig
+from cosy.train.task import process_row
 
 torch.set_num_threads(1)
 
@@ -236,26 +237,18 @@ def wav_bytes(seconds: float, rate: int = 8000) -> bytes:
 def test_task_rows_to_batch_to_loss():
     cfg = tiny()
     steps = TASK.processors(cfg, True)
-
-    def process(row):
-        for fn in steps:
-            row = fn(row)
-            if row is None:
-                return None
-        return row
-
-    rows = [process({"utt": f"u{i}", "audio": wav_bytes(sec), "speech_token": list(range(n)),
-                     "embedding": [0.1] * 8})
+    rows = [process_row(steps, {"utt": f"u{i}", "audio": wav_bytes(sec), "speech_token": list(range(n)),
+                                "embedding": [0.1] * 8})
             for i, (sec, n) in enumerate([(0.5, 14), (0.3, 5)])]
     assert rows[0]["speech_token"].shape == (12,)  # 0.5 s at 25 tokens/s: extra tokens cut
     assert rows[0]["speech_feat"].shape == (16, 24)  # 12 tokens -> 24 frames of the 25
     assert rows[1]["speech_feat"].shape == (16, 10)
     assert TASK.num_frames(rows[0]) == 24
-    assert process({"utt": "x", "audio": wav_bytes(0.2), "speech_token": None, "embedding": [0.1] * 8}) is None
+    assert process_row(steps, {"utt": "x", "audio": wav_bytes(0.2), "speech_token": None, "embedding": [0.1] * 8}) is None
     with pytest.raises(CosyError, match="model.spk_dim"):
-        process({"utt": "y", "audio": wav_bytes(0.2), "speech_token": [1], "embedding": [0.1] * 3})
+        process_row(steps, {"utt": "y", "audio": wav_bytes(0.2), "speech_token": [1], "embedding": [0.1] * 3})
     with pytest.raises(CosyError):  # corrupt audio: the loader logs the utterance and skips it
-        process({"utt": "z", "audio": b"not audio", "speech_token": [1], "embedding": [0.1] * 8})
+        process_row(steps, {"utt": "z", "audio": b"not audio", "speech_token": [1], "embedding": [0.1] * 8})
     batch = TASK.collate(rows)
     assert batch["speech_feat"].shape == (2, 16, 24)
     assert batch["speech_feat_len"].tolist() == [24, 10]

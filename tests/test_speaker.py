@@ -26,6 +26,7 @@ from cosy.speaker.features import fbank_features
 from cosy.speaker.loss import AAMConfig, AAMSoftmax
 from cosy.speaker.onnx import export_onnx, parity
 from cosy.speaker.task import TASK, read_speakers
+from cosy.train.task import process_row
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE = 16000
@@ -231,11 +232,8 @@ def test_task_rows_to_batch(speakers_file):
     rng = np.random.default_rng(1)
     rows = [{"utt": "u1", "spk": "spk2", "audio": wav_bytes(synthetic_voice(2, 0.3, rng))},
             {"utt": "u2", "spk": "spk0", "audio": wav_bytes(synthetic_voice(0, 1.2, rng))}]
-    processed = []
-    for row in rows:
-        for fn in TASK.processors(cfg, True):
-            row = fn(row)
-        processed.append(row)
+    steps = TASK.processors(cfg, True)
+    processed = [process_row(steps, row) for row in rows]
     frames = 1 + (int(0.5 * RATE) - 400) // 160  # 25 ms windows every 10 ms, complete frames only
     assert [TASK.num_frames(r) for r in processed] == [frames, frames]  # short audio is looped
     batch = TASK.collate(processed)

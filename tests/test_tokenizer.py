@@ -24,6 +24,7 @@ from cosy.tokenizer.model import TokenizerConfig, TokenizerModel
 from cosy.tokenizer.onnx import export_onnx
 from cosy.tokenizer.task import TASK
 from cosy.train.checkpoint import save_weights
+from cosy.train.task import process_row
 
 SR = 16000
 
@@ -355,14 +356,8 @@ def test_task_processors_and_collate(bpe_path, tmp_path):
     rows = [{"utt": "a", "text": "hello world", "audio": (tmp_path / "a.wav").read_bytes()},
             {"utt": "b", "text": "number one", "audio": b"garbage"},
             {"utt": "c", "text": "two", "audio": (tmp_path / "a.wav").read_bytes()}]
-    out = []
-    for row in rows:
-        for fn in TASK.processors(cfg, True):
-            row = fn(row)
-            if row is None:
-                break
-        if row is not None:
-            out.append(row)
+    steps = TASK.processors(cfg, True)
+    out = [row for row in (process_row(steps, r) for r in rows) if row is not None]
     assert [r["utt"] for r in out] == ["a", "c"]
     assert out[0]["feats"].shape == (128, 50) and TASK.num_frames(out[0]) == 50
     assert TextTokenizer.load(path).decode(out[0]["text_ids"].tolist()) == "hello world"

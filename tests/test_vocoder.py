@@ -15,6 +15,7 @@ import torch
 from cosy import config
 from cosy.audio import MelConfig, mel_spectrogram
 from cosy.errors import CosyError
+from cosy.train.task import process_row
 from cosy.vocoder.discriminators import DiscriminatorConfig
 from cosy.vocoder.f0 import estimate_f0
 from cosy.vocoder.hifigan import Generator, GeneratorConfig
@@ -224,14 +225,8 @@ def test_task_processors_and_collate(caplog):
     rows = [{"utt": "long", "audio": _wav_bytes(0.5 * np.sin(2 * np.pi * 200 * t), rate)},
             {"utt": "short", "audio": _wav_bytes(0.5 * np.sin(2 * np.pi * 200 * t[:3000]), 16000)},
             {"utt": "broken", "audio": b"RIFF not really a wav"}]
-    out = []
-    for row in rows:
-        for fn in TASK.processors(cfg, True):
-            row = fn(row)
-            if row is None:
-                break
-        if row is not None:
-            out.append(row)
+    steps = TASK.processors(cfg, True)
+    out = [row for row in (process_row(steps, r) for r in rows) if row is not None]
     assert [r["utt"] for r in out] == ["long", "short"]
     assert "broken" in caplog.text
     batch = TASK.collate(out)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cosy.data.shards import read_list
 from cosy.errors import CosyError
-from cosy.train.task import Row, Task
+from cosy.train.task import Row, Task, process_row
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +128,7 @@ class ShardDataset(IterableDataset):
             utt = row.get("utt", "?")
             try:
                 with _seeded(self._seed("row", utt)):
-                    for fn in self.processors:
-                        row = fn(row)
-                        if row is None:
-                            break
+                    row = process_row(self.processors, row)
             except Exception as err:  # one bad utterance (corrupt audio...) must not stop the job
                 log.warning("skipping utterance %s: %s: %s", utt, type(err).__name__, err)
                 continue

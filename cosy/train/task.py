@@ -37,3 +37,12 @@ class Task:
     collate: Callable[[list[Row]], dict[str, Any]]
     num_frames: Callable[[Row], int]
     gan: bool = False
+
+
+def process_row(processors: list[Callable[[Row], Row | None]], row: Row) -> Row | None:
+    """`row` through `processors` in order; None as soon as one of them drops it."""
+    for fn in processors:
+        row = fn(row)
+        if row is None:
+            return None
+    return row
