@@ -42,7 +42,6 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-timeout", "kaldi-native-fbank", "nbclient", "nbformat", "ipykernel", "matplotlib"],
         "hf": ["transformers"],
-        "deepspeed": ["deepspeed"],
         "eval": ["pocketsphinx", "speechmos", "webrtcvad-wheels", "resemblyzer"],
     },
     entry_points={"console_scripts": ["cosy=cosy.cli:main"]},

@@ -51,3 +51,17 @@ def test_bad_hypothesis_dirs_are_named(tiny_corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CosyError, match="no <utt>.wav"):
         evaluate(tmp_path / "empty", tiny_corpus / "test", mos=False)
+
+
+def test_an_unreadable_output_is_scored_as_empty_and_the_rest_completes(tiny_corpus, tmp_path):
+    test = tiny_corpus / "test"
+    data = DataDir.load(test)
+    hyp = _hyp_dir(tmp_path / "broken", data, lambda u: u)
+    broken = data.utts[0]
+    (hyp / f"{broken}.wav").write_bytes(b"not audio at all")
+    report = evaluate(hyp, test, mos=False)
+    synth, truth = report["synthesised"], report["ground_truth"]
+    assert synth["hypotheses"][broken] == ""
+    assert all(synth["hypotheses"][u] == truth["hypotheses"][u] for u in data.utts[1:])
+    assert synth["wer"] > truth["wer"]
+    assert synth["spk_id_resemblyzer"] == pytest.approx((len(data.utts) - 1) / len(data.utts))

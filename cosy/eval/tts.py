@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +30,8 @@ from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
 from cosy.eval.asr import load_recogniser, word_error_rate
 from cosy.eval.mos import dnsmos
+
+log = logging.getLogger(__name__)
 
 
 def read_hypotheses(hyp_dir: Path, data: DataDir) -> tuple[dict[str, Path], dict[str, str]]:
@@ -87,8 +89,10 @@ def speaker_identification(data: DataDir, embeddings: dict[str, np.ndarray],
             continue
         scores = {}
         for spk, members in data.spk2utt.items():
-            kept = [m for m in members if m not in (utt, exclude.get(utt))] or members
-            scores[spk] = float(vector @ _unit(np.mean([reference[m] for m in kept], axis=0)))
+            usable = [m for m in members if m in reference]
+            kept = [m for m in usable if m not in (utt, exclude.get(utt))] or usable
+            if kept:
+                scores[spk] = float(vector @ _unit(np.mean([reference[m] for m in kept], axis=0)))
         hits.append(max(scores, key=scores.get) == data.utt2spk[utt])
     return float(np.mean(hits))
 
@@ -98,23 +102,30 @@ def score_system(utts: list[str], get_audio: Callable[[str], tuple[np.ndarray, i
                  reference: dict[str, dict[str, np.ndarray]], mos: bool) -> dict:
     texts, vectors, quality = [], {name: {} for name in embedders}, []
     for utt in tqdm(utts, desc="scoring", unit="utt", disable=None):
-        samples, rate = get_audio(utt)
+        try:
+            samples, rate = get_audio(utt)
+        except CosyError as err:  # a missing output is scored as silence: every word lost, nobody's voice
+            log.warning("utterance %s: %s; scored as an empty output", utt, err)
+            texts.append("")
+            for name in embedders:
+                vectors[name][utt] = np.zeros_like(next(iter(reference[name].values())))
+            continue
         texts.append(asr.transcribe(samples, rate))
         for name, embed in embedders.items():
             try:
                 vectors[name][utt] = embed(samples, rate)
             except CosyError as err:  # e.g. no speech found: the output resembles no one (similarity 0)
-                print(f"utterance {utt}: {err}; scored as a zero speaker vector", file=sys.stderr)
+                log.warning("utterance %s: %s; scored as a zero speaker vector", utt, err)
                 vectors[name][utt] = np.zeros_like(next(iter(reference[name].values())))
         if mos:
             quality.append(dnsmos(samples, rate)["ovrl"])
     out = {"wer": word_error_rate([data.text[u] for u in utts], texts), "hypotheses": dict(zip(utts, texts))}
     if mos:
-        out["dnsmos_ovrl"] = float(np.mean(quality))
+        out["dnsmos_ovrl"] = float(np.mean(quality)) if quality else float("nan")
     for name in embedders:
         if prompts:
             out[f"sim_{name}"] = float(np.mean([vectors[name][u] @ reference[name][prompts[u]]
-                                                for u in utts if u in prompts]))
+                                                for u in utts if prompts.get(u) in reference[name]]))
         out[f"spk_id_{name}"] = speaker_identification(data, vectors[name], reference[name], prompts)
     return out
 
@@ -128,9 +139,14 @@ def evaluate(hyp_dir: str | Path, data_dir: str | Path, speaker_model: str | Non
     embedders = speaker_embedders(speaker_model)
     reference: dict[str, dict[str, np.ndarray]] = {name: {} for name in embedders}
     for utt in tqdm(data.utts, desc="reference speakers", unit="utt", disable=None):
-        samples, rate = load_audio(data.wav[utt])
-        for name, embed in embedders.items():
-            reference[name][utt] = embed(samples, rate)
+        try:
+            samples, rate = load_audio(data.wav[utt])
+            vectors = {name: embed(samples, rate) for name, embed in embedders.items()}
+        except CosyError as err:
+            log.warning("reference utterance %s left out of the speaker centroids: %s", utt, err)
+            continue
+        for name, vector in vectors.items():
+            reference[name][utt] = vector
     common = (data, prompts, asr, embedders, reference, mos)
     return {
         "num_utts": len(utts),
