@@ -199,3 +199,24 @@ def test_bpe_errors_name_the_file(tmp_path: Path, corpus: Path) -> None:
         TextTokenizer.train([tmp_path / "nowhere.txt"], vocab_size=300)
     with pytest.raises(CosyError, match="vocab_size"):
         TextTokenizer.train([corpus], vocab_size=100)
+
+
+def test_loading_for_a_model_checks_the_table_size_and_names_the_keys(tmp_path: Path) -> None:
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "!": 3}
+    path = tmp_path / "tokenizer.json"
+    Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")).save(str(path))
+
+    def load(size, exact, where=str(path)):
+        return TextTokenizer.load_for_model(where, "model.tok", size, "model.vocab", exact=exact)
+
+    assert load(4, exact=True).vocab_size == 4
+    assert load(10, exact=False).vocab_size == 4  # an embedding table may be larger
+    assert load(None, exact=False).vocab_size == 4
+    with pytest.raises(CosyError, match=r"has 4 tokens; config key 'model.vocab' is 10 and must equal"):
+        load(10, exact=True)
+    with pytest.raises(CosyError, match=r"'model.vocab' is 3 and must be at least"):
+        load(3, exact=False)
+    with pytest.raises(CosyError, match=r"config key 'model.tok' is empty"):
+        load(4, exact=True, where="")
+    with pytest.raises(CosyError, match=r"config key 'model.tok': tokenizer file not found"):
+        load(4, exact=True, where=str(tmp_path / "missing.json"))

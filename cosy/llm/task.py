@@ -9,21 +9,16 @@ from torch.nn.utils.rnn import pad_sequence
 
 from cosy.errors import CosyError
 from cosy.llm.model import LLM, LLMConfig
+from cosy.text.bpe import TextTokenizer
 from cosy.train.task import Row, Task
 
 log = logging.getLogger(__name__)
 
 
-def load_text_tokenizer(cfg: LLMConfig):
-    from cosy.text.bpe import TextTokenizer
-
-    if not cfg.tokenizer:
-        raise CosyError("config key 'model.tokenizer' is empty: give the path of the text tokenizer.json")
-    tokenizer = TextTokenizer.load(cfg.tokenizer)
-    if cfg.backbone == "transformer" and tokenizer.vocab_size > cfg.text_vocab:
-        raise CosyError(f"text tokenizer {cfg.tokenizer} has {tokenizer.vocab_size} tokens but config key "
-                        f"'model.text_vocab' is {cfg.text_vocab}")
-    return tokenizer
+def load_text_tokenizer(cfg: LLMConfig) -> TextTokenizer:
+    # A Hugging Face backbone brings its own embedding table, sized by its own config.
+    vocab = cfg.text_vocab if cfg.backbone == "transformer" else None
+    return TextTokenizer.load_for_model(cfg.tokenizer, "model.tokenizer", vocab, "model.text_vocab", exact=False)
 
 
 def processors(cfg: LLMConfig, train: bool):

@@ -63,6 +63,28 @@ class TextTokenizer:
             raise CosyError(f"cannot read tokenizer {path}: {err}") from err
         return cls(tokenizer, source=str(path))
 
+    @classmethod
+    def load_for_model(cls, path: str, path_key: str, vocab_size: int | None, vocab_key: str,
+                       exact: bool) -> "TextTokenizer":
+        """Load the tokenizer a model config names and check it fits the model's table.
+
+        `exact`: the model predicts text tokens, so the sizes must be equal; otherwise it
+        only embeds them, and a larger table than the tokenizer is fine. `vocab_size=None`
+        skips the check (the model's table is sized elsewhere).
+        """
+        if not path:
+            raise CosyError(f"config key '{path_key}' is empty: give the path of a text tokenizer.json")
+        try:
+            tokenizer = cls.load(path)
+        except CosyError as err:
+            raise CosyError(f"config key '{path_key}': {err}") from err
+        if vocab_size is not None and (tokenizer.vocab_size > vocab_size
+                                       or (exact and tokenizer.vocab_size != vocab_size)):
+            relation = "must equal" if exact else "must be at least"
+            raise CosyError(f"text tokenizer {path} has {tokenizer.vocab_size} tokens; config key "
+                            f"'{vocab_key}' is {vocab_size} and {relation} that")
+        return tokenizer
+
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

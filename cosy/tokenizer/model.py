@@ -13,7 +13,6 @@ pretrained Whisper encoder (see `whisper_init`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from cosy.audio import WhisperMelConfig, whisper_log_mel
 from cosy.errors import CosyError
 from cosy.modules import Encoder, EncoderConfig, lengths_to_mask
+from cosy.text.bpe import TextTokenizer
 from cosy.tokenizer.asr_head import AttentionDecoder, DecoderConfig, ctc_loss, greedy_ctc
 from cosy.tokenizer.quantize import QuantizerConfig, build_quantizer
 
@@ -62,19 +62,10 @@ class TokenizerConfig:
     max_seconds: float = 30.0
 
 
-def load_text_tokenizer(cfg: TokenizerConfig):
-    """The BPE tokenizer named by `cfg.text_tokenizer`, checked against `cfg.vocab_size`."""
-    from cosy.text.bpe import TextTokenizer
-
-    if not cfg.text_tokenizer:
-        raise CosyError("config key 'model.text_tokenizer' is empty: give a saved BPE tokenizer file")
-    if not Path(cfg.text_tokenizer).exists():
-        raise CosyError(f"config key 'model.text_tokenizer': file not found: {cfg.text_tokenizer}")
-    tokenizer = TextTokenizer.load(cfg.text_tokenizer)
-    if tokenizer.vocab_size != cfg.vocab_size:
-        raise CosyError(f"config key 'model.vocab_size' is {cfg.vocab_size} but {cfg.text_tokenizer} "
-                        f"has {tokenizer.vocab_size} tokens")
-    return tokenizer
+def load_text_tokenizer(cfg: TokenizerConfig) -> TextTokenizer:
+    """The BPE tokenizer named by `cfg.text_tokenizer`; the ASR head predicts exactly its vocabulary."""
+    return TextTokenizer.load_for_model(cfg.text_tokenizer, "model.text_tokenizer", cfg.vocab_size,
+                                        "model.vocab_size", exact=True)
 
 
 def log_mel(wave: Tensor, cfg: TokenizerConfig, lengths: Tensor | None = None) -> Tensor:
