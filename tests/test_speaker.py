@@ -289,7 +289,7 @@ def test_extract_embeddings_checkpoint_and_onnx(tmp_path, caplog):
     torch.testing.assert_close(spks["spk1"], (utts["spk1-utt0"] + utts["spk1-utt1"]) / 2, atol=1e-6, rtol=0)
 
     onnx_path = tmp_path / "speaker.onnx"
-    assert cli_main(["export", "speaker", str(checkpoint), "--output", str(onnx_path)]) == 0
+    assert cli_main(["export", "speaker", str(checkpoint), "--onnx", str(onnx_path)]) == 0
     assert cli_main(["extract", "embeddings", "--data", str(data), "--speaker", str(onnx_path),
                      "--num-workers", "1"]) == 0
     from_onnx = load_file(str(data / "utt2embedding.safetensors"))

@@ -326,7 +326,7 @@ def test_cli_export_and_copy_synthesis_eval(tmp_path, caplog):
 
     expdir = _experiment(tmp_path)
     ckpt = expdir / "step_1.safetensors"
-    assert main(["export", "vocoder", "--checkpoint", str(ckpt), "--out", str(tmp_path / "v.onnx")]) == 0
+    assert main(["export", "vocoder", str(ckpt), "--onnx", str(tmp_path / "v.onnx")]) == 0
     assert (tmp_path / "v.onnx").is_file() and (tmp_path / "v.json").is_file()
 
     data = tmp_path / "data"

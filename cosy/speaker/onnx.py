@@ -49,16 +49,16 @@ def parity(encoder: SpeakerEncoder, path: str | Path, frames: tuple[int, ...] = 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="speaker checkpoint (.safetensors with config.yaml beside it)")
-    parser.add_argument("--output", required=True, help="ONNX file to write")
+    parser.add_argument("--onnx", required=True, help="ONNX file to write")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
 
 
 def run(args: argparse.Namespace) -> int:
-    if Path(args.output).suffix != ".onnx":
-        raise CosyError(f"--output must end in .onnx, got {args.output}")
+    if Path(args.onnx).suffix != ".onnx":
+        raise CosyError(f"--onnx must end in .onnx, got {args.onnx}")
     encoder = load_checkpoint(args.checkpoint)
-    export_onnx(encoder, args.output, args.opset)
-    cosine = parity(encoder, args.output)
-    print(f"wrote {args.output}: [1, frames, {encoder.cfg.feat_dim}] -> [1, {encoder.cfg.embedding_dim}]; "
+    export_onnx(encoder, args.onnx, args.opset)
+    cosine = parity(encoder, args.onnx)
+    print(f"wrote {args.onnx}: [1, frames, {encoder.cfg.feat_dim}] -> [1, {encoder.cfg.embedding_dim}]; "
           f"onnxruntime/PyTorch cosine {cosine:.6f}")
     return 0

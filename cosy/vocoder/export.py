@@ -94,16 +94,16 @@ class OnnxVocoder:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="vocoder checkpoint (.safetensors)")
+    parser.add_argument("checkpoint", help="vocoder checkpoint (.safetensors)")
     parser.add_argument("--config", help="experiment config (default: config.yaml beside the checkpoint)")
-    parser.add_argument("--out", required=True, help="output .onnx file (a .json with its settings is written beside)")
+    parser.add_argument("--onnx", required=True, help="output .onnx file (a .json with its settings is written beside)")
     parser.add_argument("--opset", type=int, default=17)
 
 
 def run(args: argparse.Namespace) -> int:
-    if not str(args.out).endswith(".onnx"):
-        raise CosyError(f"--out {args.out}: the file name must end in .onnx")
+    if not str(args.onnx).endswith(".onnx"):
+        raise CosyError(f"--onnx {args.onnx}: the file name must end in .onnx")
     generator, _ = load_generator(args.checkpoint, args.config)
-    export_onnx(generator, args.out, args.opset)
-    print(f"wrote {args.out}")
+    export_onnx(generator, args.onnx, args.opset)
+    print(f"wrote {args.onnx}")
     return 0

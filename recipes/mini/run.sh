@@ -164,7 +164,7 @@ if run_stage 7; then
   speaker_onnx=$speaker
   if [ "${speaker##*.}" != onnx ]; then
     speaker_onnx=$exp/speaker/speaker.onnx
-    cosy export speaker "$speaker" --output "$speaker_onnx"
+    cosy export speaker "$speaker" --onnx "$speaker_onnx"
   fi
   rm -rf "$dir/model"
   cosy pack --tokenizer "$exp/tokenizer/tokenizer.onnx" --speaker "$speaker_onnx" --llm "$exp/llm" \
