@@ -16,7 +16,8 @@ import yaml
 from cosy import cli
 from cosy.errors import CosyError
 from cosy.train import checkpoint
-from cosy.train.checkpoint import Checkpoints, Entry, atomic_write, load_weights
+from cosy.checkpoint import read_weights
+from cosy.train.checkpoint import Checkpoints, Entry, atomic_write
 from cosy.train.schedule import SchedulerConfig, lr_factor
 from cosy.train.tasks import get_task, register_task
 from toy_task import TASK, make_rows, write_shards
@@ -58,7 +59,7 @@ def env() -> dict:
 def final_weights(out: Path, name: str = "weights") -> tuple[int, dict[str, torch.Tensor]]:
     """Step and tensors of the latest checkpoint; name="ema" for its EMA weights."""
     last = Checkpoints(out).latest()
-    return last.step, load_weights(out / getattr(last, name))
+    return last.step, read_weights(out / getattr(last, name))
 
 
 def test_killed_and_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path):
@@ -89,7 +90,7 @@ def test_killed_and_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupte
     assert 4 <= entry.step < 10
     assert Checkpoints(killed).load_state(entry)["batches_done"] > 0  # stopped mid-epoch
     for listed in Checkpoints(killed).entries:  # whatever the kill interrupted, the index lists only whole files
-        assert load_weights(killed / listed.weights) and load_weights(killed / listed.ema)
+        assert read_weights(killed / listed.weights) and read_weights(killed / listed.ema)
 
     assert cli.main(train_args(conf, train, cv, killed, "--resume")) == 0
     step_a, weights_a = final_weights(tmp_path / "straight")
@@ -127,8 +128,8 @@ def test_two_ddp_ranks_with_batch_b_match_one_process_with_batch_2b(tmp_path, ta
     two = {e.step: e for e in Checkpoints(tmp_path / "ddp").entries}
     assert sorted(one) == [2, 4, 6, 7] and sorted(two) == [2, 4, 6]
     for step in (2, 4, 6):
-        weights_a = load_weights(tmp_path / "single" / one[step].weights)
-        weights_b = load_weights(tmp_path / "ddp" / two[step].weights)
+        weights_a = read_weights(tmp_path / "single" / one[step].weights)
+        weights_b = read_weights(tmp_path / "ddp" / two[step].weights)
         for key in weights_a:  # float32 sums in a different order: tolerance 1e-6
             torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=1e-6)
         assert one[step].cv_loss == pytest.approx(two[step].cv_loss, rel=1e-6)
@@ -146,7 +147,7 @@ def test_gradient_accumulation_of_two_batches_matches_one_double_batch(tmp_path)
     steps = Checkpoints(tmp_path / "two").entries
     # 24 rows = 3 steps an epoch; the step-3 (epoch end) checkpoint has no cv loss, the last one has
     assert [(e.step, e.cv_loss is None) for e in steps] == [(3, True), (6, False)]
-    b = load_weights(tmp_path / "two" / steps[0].weights)
+    b = read_weights(tmp_path / "two" / steps[0].weights)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
@@ -162,7 +163,7 @@ def test_gan_task_trains_both_submodules_with_two_optimisers_in_bf16(tmp_path):
     torch.manual_seed(1234)  # the trainer's seed: the same initial weights
     start = initial.build(initial.config_cls()).state_dict()
     out = tmp_path / "gan"
-    weights = load_weights(out / Checkpoints(out).latest().weights)
+    weights = read_weights(out / Checkpoints(out).latest().weights)
     for prefix in ("generator.", "discriminator."):
         changed = [k for k in start if k.startswith(prefix) and not torch.equal(start[k], weights[k])]
         assert changed, prefix
@@ -233,7 +234,7 @@ def test_average_of_two_checkpoints_is_their_mean(tmp_path):
         store.save(Entry(step, 0, loss), weights, {"step": step}, None, keep_last=5, keep_best=5)
     out = tmp_path / "avg.safetensors"
     assert cli.main(["average", str(tmp_path), "--best", "2", "--out", str(out)]) == 0
-    averaged = load_weights(out)
+    averaged = read_weights(out)
     torch.testing.assert_close(averaged["w"], (first["w"] + second["w"]) / 2, rtol=0, atol=1e-7)
     assert averaged["count"].item() == 7  # integer tensors come from the best checkpoint
     assert cli.main(["average", str(tmp_path / "nowhere"), "--best", "2", "--out", str(out)]) == 1

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from cosy.errors import CosyError
-from cosy.train.checkpoint import Checkpoints, load_weights, save_weights
+from cosy.checkpoint import read_weights
+from cosy.train.checkpoint import Checkpoints, save_weights
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
 
 def average(paths: list[Path]) -> dict[str, torch.Tensor]:
     """Element-wise mean of the float tensors; other tensors (counters) come from the first file."""
-    first = load_weights(paths[0])
+    first = read_weights(paths[0])
     sums = {k: v.double() for k, v in first.items() if v.is_floating_point()}
     for path in paths[1:]:
-        weights = load_weights(path)
+        weights = read_weights(path)
         if weights.keys() != first.keys():
             raise CosyError(f"{path} has different tensor names from {paths[0]}")
         for key in sums:

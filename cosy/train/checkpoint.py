@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
 from cosy.errors import CosyError
@@ -67,16 +66,6 @@ def save_weights(path: str | Path, state_dict: dict[str, torch.Tensor]) -> None:
         tensors[key] = value.clone() if pointer in seen else value
         seen.add(pointer)
     atomic_write(path, save_safetensors_bytes(tensors))
-
-
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise CosyError(f"checkpoint not found: {path}")
-    try:
-        return load_safetensors_bytes(path.read_bytes())
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise CosyError(f"cannot read checkpoint {path}: {err}") from err
 
 
 def rng_state() -> dict[str, Any]:

@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from cosy import config as cfg
 from cosy.data.loader import BatchInfo, DataConfig, ShardDataset, make_loader
 from cosy.errors import CosyError
-from cosy.train.checkpoint import Checkpoints, Entry, load_weights, rng_state, set_rng_state
+from cosy.checkpoint import read_weights
+from cosy.train.checkpoint import Checkpoints, Entry, rng_state, set_rng_state
 from cosy.train.schedule import OptimConfig, SchedulerConfig, build_optimizer, build_scheduler
 from cosy.train.task import Task
 from cosy.train.tasks import get_task, known_tasks
@@ -405,7 +406,7 @@ class Trainer:
         if entry is None:
             log.warning("--resume: no checkpoint in %s yet, starting from scratch", self.expdir)
             return
-        self.model.load_state_dict(load_weights(self.expdir / entry.weights))
+        self.model.load_state_dict(read_weights(self.expdir / entry.weights))
         state = self.checkpoints.load_state(entry)
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state["optimizers"][name])
