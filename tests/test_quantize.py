@@ -61,6 +61,32 @@ def test_fsq_forward_codes_equal_encode():
     assert fsq(x)[1].equal(fsq.encode(x))
 
 
+def test_fsq_first_training_batch_standardises_projection_so_codes_spread():
+    """An encoder output that barely varies between frames must not collapse to one code."""
+    torch.manual_seed(2)
+    fsq = build_quantizer(QuantizerConfig(kind="fsq", levels=[3, 3, 3, 3]), dim=16)
+    x = torch.randn(16) + 0.01 * torch.randn(4, 50, 16)
+    mask = torch.ones(4, 50, dtype=torch.bool)
+    mask[1, 30:] = False
+    x[1, 30:] = 100.0  # padding must not enter the statistics
+    before = codebook_usage(fsq.eval()(x)[1][mask], fsq.codebook_size)
+    assert before["used_fraction"] <= 2 / 81 and not fsq.initialised
+    fsq.train()(x, mask)
+    assert fsq.initialised
+    z = fsq.down(x)[mask]
+    torch.testing.assert_close(z.mean(0), torch.zeros(4), atol=1e-3, rtol=0)
+    torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
+    after = codebook_usage(fsq.eval()(x)[1][mask], fsq.codebook_size)
+    assert after["used_fraction"] > 0.4
+    # the initialisation happens once and travels with the weights
+    weight = fsq.down.weight.clone()
+    fsq.train()(x * 3, mask)
+    assert fsq.down.weight.equal(weight)
+    fresh = build_quantizer(QuantizerConfig(kind="fsq", levels=[3, 3, 3, 3]), dim=16)
+    fresh.load_state_dict(fsq.state_dict())
+    assert fresh.initialised and fresh.train()(x, mask)[1].equal(fsq(x, mask)[1])
+
+
 def test_vq_straight_through_and_commitment_loss():
     torch.manual_seed(0)
     vq = build_quantizer(QuantizerConfig(kind="vq", codebook_size=16, beta=0.5), dim=4)
