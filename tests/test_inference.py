@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 import soundfile as sf
 import yaml
 
@@ -86,6 +87,31 @@ def test_pack_takes_the_best_indexed_checkpoint(system, tmp_path):
     assert resolve_source("llm", exp) == (exp / Entry(20, 1, 2.0).weights, exp / "config.yaml")
     (exp / "model.safetensors").write_bytes(weights)  # what `cosy average --out` writes wins
     assert resolve_source("llm", exp)[0] == exp / "model.safetensors"
+
+
+def test_pack_half_stores_float16_and_loads_as_float32(system, tmp_path):
+    from safetensors.torch import load_file
+    model = pack(system["dirs"], system["tokenizer"], tmp_path / "half", half=True)
+    for part in ("llm", "flow", "vocoder"):
+        half = load_file(model / part / "model.safetensors")
+        full = load_file(system["model"] / part / "model.safetensors")
+        assert half.keys() == full.keys()
+        assert all(half[k].dtype == (torch.float16 if full[k].is_floating_point() else full[k].dtype) for k in full)
+    tts = CosyTTS.from_pretrained(model)
+    for part in ("llm", "flow", "vocoder"):
+        params = dict(getattr(tts.parts, part).named_parameters())
+        reference = dict(getattr(system["tts"].parts, part).named_parameters())
+        for name, value in params.items():
+            assert value.dtype == torch.float32
+            torch.testing.assert_close(value, reference[name], rtol=1e-3, atol=1e-4)
+    # a waveform from the same mel differs only by float16 rounding of the weights
+    mel = torch.randn(1, tts.parts.vocoder.mel.n_mels, 40)
+    with torch.no_grad():
+        torch.manual_seed(0)  # the vocoder's sine source draws its phase and noise
+        half_wave = tts.parts.vocoder(mel, torch.tensor([40]))[0]
+        torch.manual_seed(0)
+        full_wave = system["tts"].parts.vocoder(mel, torch.tensor([40]))[0]
+    assert (half_wave - full_wave).abs().max() < 0.01 * full_wave.abs().max()
 
 
 @pytest.mark.parametrize("part, override, message", [

@@ -137,22 +137,25 @@ def _part_config(part: str, config: Path, folder: Path) -> dict:
     return {"task": part, "model": model}
 
 
-def _copy_weights(part: str, weights: Path, target: Path) -> None:
+def _copy_weights(part: str, weights: Path, target: Path, half: bool = False) -> None:
     """Copy the inference weights: the trainer's checkpoints also hold training-only
-    submodules (speaker classifier, vocoder discriminator) that are dropped here."""
+    submodules (speaker classifier, vocoder discriminator) that are dropped here. With
+    `half`, floating-point tensors are stored as float16 (loading casts them back)."""
     prefix = {"speaker": "encoder.", "vocoder": "generator."}.get(part)
-    if prefix is None:
+    if prefix is None and not half:
         shutil.copy(weights, target)
         return
     try:
         state = read_weights(weights, prefix)
     except CosyError as err:
         raise CosyError(f"--{part}: {err}") from err
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     save_weights(target, state)
 
 
 def pack(sources: dict[str, str | Path], text_tokenizer: str | Path, out: str | Path,
-         synthesis: SynthesisConfig | None = None) -> Path:
+         synthesis: SynthesisConfig | None = None, half: bool = False) -> Path:
     """Assemble a model dir at `out` from one source per part (see `resolve_source`).
 
     The result is loaded once (which checks that the parts fit) before it replaces `out`,
@@ -181,7 +184,7 @@ def pack(sources: dict[str, str | Path], text_tokenizer: str | Path, out: str | 
                 target = folder / "model.safetensors"
                 (folder / "config.yaml").write_text(yaml.safe_dump(_part_config(part, config, folder),
                                                                    sort_keys=False))
-                _copy_weights(part, weights, target)
+                _copy_weights(part, weights, target, half)
             files[part] = str(target.relative_to(staging))
             origin[part] = str(weights.resolve())
         shutil.copy(text_tokenizer, staging / "tokenizer.json")
@@ -317,9 +320,11 @@ def add_arguments(parser) -> None:
                             help=f"experiment dir, or weights file with config.yaml beside it{onnx}")
     parser.add_argument("--text-tokenizer", required=True, help="the text tokenizer.json the LLM was trained with")
     parser.add_argument("--out", required=True, help="new model directory (must not exist or be empty)")
+    parser.add_argument("--half", action="store_true",
+                        help="store the PyTorch parts' weights as float16 (half the size; computed in float32)")
 
 
 def run(args) -> int:
-    out = pack({part: getattr(args, part) for part in PARTS}, args.text_tokenizer, args.out)
+    out = pack({part: getattr(args, part) for part in PARTS}, args.text_tokenizer, args.out, half=args.half)
     print(f"wrote model dir {out}")
     return 0
