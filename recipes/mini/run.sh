@@ -46,7 +46,7 @@ done
 
 case "$size" in
   tiny) : "${bpe_size:=400}" ;;
-  default) : "${bpe_size:=2000}" ;;
+  default) : "${bpe_size:=500}" ;;
   *) if [ -z "$data" ] || [ -z "$bpe_size" ]; then
        echo "$0: --size must be tiny or default (other config sizes need --data and --bpe_size), got '$size'" >&2
        exit 1
