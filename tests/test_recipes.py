@@ -4,6 +4,7 @@ the consistency of the recipe configs."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
+import torch
 
 from cosy.cli import main as cosy_main
 from cosy.data.kaldi import DataDir
@@ -30,7 +32,7 @@ def run_script(*args: str | Path, timeout: float = 600) -> subprocess.CompletedP
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    """The whole tiny mini recipe (stages 0-9) run once into a temporary folder."""
+    """The whole tiny mini recipe (stages 0-10) run once into a temporary folder."""
     out = tmp_path_factory.mktemp("mini_tiny")
     result = run_script(MINI, "--size", "tiny", "--dir", out, "--nj", "2")
     assert result.returncode == 0, result.stderr[-4000:]
@@ -51,7 +53,17 @@ def test_tiny_recipe_end_to_end(tiny_run):
     for report in ("eval/tts.json", "eval/tokenizer.json", "eval/speaker.json", "results.md"):
         assert (tiny_run / report).is_file(), report
     stages = [line.split("\t")[0] for line in (tiny_run / "stage_times.tsv").read_text().splitlines()]
-    assert stages == [str(n) for n in range(10)]
+    assert stages == [str(n) for n in range(11)]
+
+
+def test_tiny_recipe_ships_a_half_precision_model_evaluated_on_the_example_voices(tiny_run):
+    from safetensors.torch import load_file
+    shipped = tiny_run / "model_half"
+    assert load_file(shipped / "flow" / "model.safetensors")["embedding.weight"].dtype == torch.float16
+    report = json.loads((shipped / "eval.json").read_text())
+    voices = DataDir.load(Path(__file__).resolve().parents[1] / "examples" / "voices")
+    assert report["num_utts"] == len(voices.utts)
+    assert set(report["synthesised"]["hypotheses"]) == set(voices.utts)
 
 
 def test_stage_4_alone_rewrites_shards_from_earlier_outputs(tiny_run):

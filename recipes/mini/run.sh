@@ -9,11 +9,12 @@
 #
 # Stages: 0 corpus | 1 audio shards, speaker encoder + embeddings | 2 text BPE + S3 tokenizer |
 # 3 speech tokens | 4 shards | 5 train LM, flow, vocoder | 6 average | 7 export + pack |
-# 8 zero-shot synthesis of the unseen test speakers | 9 evaluation -> DIR/results.md
+# 8 zero-shot synthesis of the unseen test speakers | 9 evaluation -> DIR/results.md |
+# 10 float16 model dir with its evaluation on examples/voices (what cosy/assets/default ships)
 set -euo pipefail
 
 stage=0
-stop_stage=9
+stop_stage=10
 size=tiny            # tiny | default: the corpus size and the configs CONF/<model>_<size>.yaml
 dir=""               # output folder (default exp/mini_<size>)
 conf=""              # config folder (default: this recipe's conf/)
@@ -93,6 +94,8 @@ vocab_size() { python -c "import sys; from cosy.text.bpe import TextTokenizer; p
 # The speaker model used for embeddings and evaluation: given, or trained in stage 1.
 speaker=${speaker_model:-$exp/speaker/model.safetensors}
 text_tokenizer=$exp/text/tokenizer.json
+mos_flag=()
+[ "$mos" = true ] || mos_flag=(--no-mos)
 
 if run_stage 0; then
   begin 0 "synthetic corpus ($size) and validation"
@@ -185,8 +188,6 @@ fi
 if run_stage 9; then
   begin 9 "evaluation"
   mkdir -p "$dir/eval"
-  mos_flag=()
-  [ "$mos" = true ] || mos_flag=(--no-mos)
   cosy eval tts --hyp-dir "$dir/synth" --data "$data/test" --speaker "$speaker" "${mos_flag[@]}" --out "$dir/eval/tts"
   cosy eval tokenizer --data "$data/test" --tokenizer "$exp/tokenizer/model.safetensors" --out "$dir/eval/tokenizer" \
     --device "$device"
@@ -211,4 +212,21 @@ if run_stage 9; then
   } > "$dir/results.md"
   end 9 eval
   log "results: $dir/results.md"
+fi
+
+if run_stage 10; then
+  begin 10 "ship: half-precision model dir, evaluated on the example voices"
+  # What cosy/assets/default is made of (copy DIR/model_half there): the packed system with
+  # float16 weights, and its model-card table from the shipped voices in examples/voices.
+  voices=$recipe/../../examples/voices
+  rm -rf "$dir/model_half" "$dir/voices"
+  cosy pack --tokenizer "$dir/model/tokenizer/model.onnx" --speaker "$dir/model/speaker/model.onnx" \
+    --llm "$exp/llm" --flow "$exp/flow" --vocoder "$exp/vocoder" --text-tokenizer "$text_tokenizer" \
+    --out "$dir/model_half" --half
+  cosy data zeroshot "$voices" "$dir/voices"
+  cosy synthesize --model-dir "$dir/model_half" --manifest "$dir/voices/manifest.tsv" --out-dir "$dir/voices" \
+    --seed 0 --device "$device"
+  cosy eval tts --hyp-dir "$dir/voices" --data "$voices" --speaker "$dir/model_half/speaker/model.onnx" \
+    "${mos_flag[@]}" --out "$dir/model_half/eval"
+  end 10 ship
 fi
