@@ -61,30 +61,27 @@ def test_fsq_forward_codes_equal_encode():
     assert fsq(x)[1].equal(fsq.encode(x))
 
 
-def test_fsq_first_training_batch_standardises_projection_so_codes_spread():
-    """An encoder output that barely varies between frames must not collapse to one code."""
+def test_fsq_standardises_projection_so_nearly_constant_inputs_spread_over_codes():
+    """An encoder output that barely varies between frames, and whose mean drifts as it
+    trains, must not collapse to one code (it did without the standardisation)."""
     torch.manual_seed(2)
-    fsq = build_quantizer(QuantizerConfig(kind="fsq", levels=[3, 3, 3, 3]), dim=16)
-    x = torch.randn(16) + 0.01 * torch.randn(4, 50, 16)
+    fsq = build_quantizer(QuantizerConfig(kind="fsq", levels=[3, 3, 3, 3]), dim=16).train()
+    x = 5 * torch.randn(16) + 0.1 * torch.randn(4, 50, 16)
     mask = torch.ones(4, 50, dtype=torch.bool)
     mask[1, 30:] = False
     x[1, 30:] = 100.0  # padding must not enter the statistics
-    before = codebook_usage(fsq.eval()(x)[1][mask], fsq.codebook_size)
-    assert before["used_fraction"] <= 2 / 81 and not fsq.initialised
-    fsq.train()(x, mask)
-    assert fsq.initialised
-    z = fsq.down(x)[mask]
+    z = fsq._project(x, mask)[mask]
     torch.testing.assert_close(z.mean(0), torch.zeros(4), atol=1e-3, rtol=0)
-    torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
-    after = codebook_usage(fsq.eval()(x)[1][mask], fsq.codebook_size)
-    assert after["used_fraction"] > 0.4
-    # the initialisation happens once and travels with the weights
-    weight = fsq.down.weight.clone()
-    fsq.train()(x * 3, mask)
-    assert fsq.down.weight.equal(weight)
-    fresh = build_quantizer(QuantizerConfig(kind="fsq", levels=[3, 3, 3, 3]), dim=16)
-    fresh.load_state_dict(fsq.state_dict())
-    assert fresh.initialised and fresh.train()(x, mask)[1].equal(fsq(x, mask)[1])
+    torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(4), atol=1e-2, rtol=0)
+    codes = fsq(x, mask)[1][mask]
+    assert codebook_usage(codes, fsq.codebook_size)["used_fraction"] > 0.4
+    # a drift of the encoder's mean does not move the codes
+    assert fsq(x + 3 * torch.randn(16), mask)[1][mask].equal(codes)
+    # eval mode uses running statistics: after enough batches it gives the training codes
+    for _ in range(300):
+        fsq(x, mask)
+    agree = (fsq.eval()(x, mask)[1][mask] == codes).float().mean()
+    assert agree > 0.9 and fsq.encode(x)[mask].equal(fsq(x, mask)[1][mask])
 
 
 def test_vq_straight_through_and_commitment_loss():
