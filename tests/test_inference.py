@@ -270,7 +270,8 @@ def test_bad_input_gives_a_specific_message_and_exit_code(system, tmp_path, caps
     assert not (tmp_path / "x.wav").exists()
 
 
-def test_no_default_model_says_to_pass_model_dir(system, tmp_path, capsys):
+def test_missing_default_model_says_to_pass_model_dir(system, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("cosy.inference.pipeline.DEFAULT_MODEL_DIR", tmp_path / "not_installed")
     assert cli("synthesize", "--text", TEXT, "--prompt-wav", system["prompt"], "--out", tmp_path / "x.wav") == 1
     err = capsys.readouterr().err
     assert "no default model is installed" in err and "--model-dir" in err
