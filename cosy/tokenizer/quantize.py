@@ -88,8 +88,8 @@ class FSQ(Quantizer):
     Without this the projection drifts into tanh's flat tails: an encoder trained from
     scratch varies little from frame to frame at first, its output's mean moves as it
     trains, and every frame then rounds to the same code, where the vanishing tanh
-    gradient keeps it (one code of 6561 after 100 steps on the mini corpus, measured with
-    a one-off standardisation at the first batch as well as with none).
+    gradient keeps it (one code of 6561 on the mini corpus, measured both without
+    standardisation and with a one-off standardisation at the first batch).
     """
 
     def __init__(self, dim: int, levels: list[int]):
