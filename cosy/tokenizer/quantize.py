@@ -102,20 +102,28 @@ class FSQ(Quantizer):
         self.register_buffer("basis", basis, persistent=False)
         self.codebook_size = math.prod(levels)
         self.down = nn.Linear(dim, len(levels))
-        self.norm = nn.BatchNorm1d(len(levels), affine=False)
         self.up = nn.Linear(len(levels), dim)
+        # written out rather than nn.BatchNorm1d, whose ONNX export needs static shapes
+        self.register_buffer("running_mean", torch.zeros(len(levels)))
+        self.register_buffer("running_var", torch.ones(len(levels)))
+        self.momentum = 0.1
 
     def _project(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """(batch, time, dim) -> standardised (batch, time, levels) in float32; padded frames
         (mask False) neither enter the statistics nor get more than zeros."""
         z = self.down(x).float()
-        flat = z.reshape(-1, z.shape[-1])
-        if mask is None:
-            return self.norm(flat).view_as(z)
-        keep = mask.reshape(-1)
-        out = torch.zeros_like(flat)
-        out[keep] = self.norm(flat[keep])
-        return out.view_as(z)
+        if self.training:
+            flat = z.reshape(-1, z.shape[-1])
+            if mask is not None:
+                flat = flat[mask.reshape(-1)]
+            mean, var = flat.mean(0), flat.var(0, unbiased=False)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(flat.var(0), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        out = (z - mean) / torch.sqrt(var + 1e-5)
+        return out if mask is None else out * mask.unsqueeze(-1)
 
     def _round(self, z: Tensor) -> Tensor:
         """(..., d) -> integer-valued (..., d) in [-(L//2), (L-1)//2], straight-through."""
