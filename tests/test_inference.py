@@ -11,8 +11,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 import soundfile as sf
+import torch
 import yaml
 
 from cosy.bench import synthetic_prompt, write_random_experiments, write_text_tokenizer
