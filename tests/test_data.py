@@ -45,6 +45,25 @@ def test_save_load_round_trip_sorted_and_spk2utt_derived(tmp_path):
     assert loaded.utt2dur is None and loaded.utt2lang["s0-u00"] == "en"
 
 
+def test_subset_keeps_a_share_of_every_speaker_and_is_seeded(tmp_path, capsys):
+    make_dir(tmp_path / "full", n_utts=12)  # 6 utterances per speaker
+    full = DataDir.load(tmp_path / "full")
+    half = full.sample(0.5, seed=3)
+    assert {s: len(u) for s, u in half.spk2utt.items()} == {"s0": 3, "s1": 3}
+    assert set(half.utts) <= set(full.utts)
+    assert half.text == {u: full.text[u] for u in half.utts}
+    assert full.sample(0.5, seed=3).utts == half.utts
+    assert {tuple(full.sample(0.5, seed=s).utts) for s in range(5)} != {tuple(half.utts)}
+    assert len(full.sample(0.01).spk2utt) == 2  # every speaker keeps at least one utterance
+    with pytest.raises(CosyError, match="--fraction"):
+        full.sample(1.5)
+    assert main(["data", "subset", str(tmp_path / "full"), str(tmp_path / "part"), "--fraction", "0.5",
+                 "--seed", "3"]) == 0
+    assert "wrote 6 of 12 utterances (2 speakers)" in capsys.readouterr().out
+    assert validate(tmp_path / "part") == []  # its wav.scp points at the full dir's audio
+    assert DataDir.load(tmp_path / "part").utts == half.utts
+
+
 def test_validate_good_dir_prints_summary_and_exits_zero(tmp_path, capsys):
     make_dir(tmp_path)
     assert validate(tmp_path) == []

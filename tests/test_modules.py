@@ -188,10 +188,11 @@ def test_encoder_padding_does_not_change_valid_outputs(layer, chunk):
 
 
 @torch.no_grad()
+@pytest.mark.parametrize("kind", ["conv2d", "conv1d"])
 @pytest.mark.parametrize("factor", [2, 4])
-def test_conv2d_subsampling_lengths(factor):
+def test_conv_subsampling_lengths(kind, factor):
     torch.manual_seed(5)
-    enc = Encoder(tiny(input_layer=f"conv2d{factor}", layer="conformer", n_layers=1)).eval()
+    enc = Encoder(tiny(input_layer=f"{kind}{factor}", layer="conformer", n_layers=1)).eval()
     lengths = torch.tensor([13, 8, 1])
     y, out_len = enc(torch.randn(3, 13, 12), lengths)
     expected = [math.ceil(n / factor) for n in lengths.tolist()]
@@ -208,9 +209,10 @@ def test_encoder_rejects_bad_sizes_and_step_on_conv_layers():
         Encoder(tiny(n_heads=3))
     with pytest.raises(ValueError, match="input_size == d_model"):
         Encoder(tiny(input_layer="none"))
-    enc = Encoder(tiny(input_layer="conv2d2"))
-    with pytest.raises(ValueError, match="convolutional input"):
-        enc.forward_step(torch.randn(1, 2, 12), enc.new_cache(1, 8))
+    for conv in ("conv2d2", "conv1d2"):
+        enc = Encoder(tiny(input_layer=conv))
+        with pytest.raises(ValueError, match="convolutional input"):
+            enc.forward_step(torch.randn(1, 2, 12), enc.new_cache(1, 8))
     with pytest.raises(ValueError, match="max_len"):
         enc.new_cache(1, 65)
 

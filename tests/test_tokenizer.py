@@ -110,7 +110,7 @@ def test_forward_returns_joint_loss_and_gradients_reach_encoder1(quantizer):
     assert grad is not None and grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("input_layer,factor", [("conv2d2", 2), ("conv2d4", 4)])
+@pytest.mark.parametrize("input_layer,factor", [("conv2d2", 2), ("conv2d4", 4), ("conv1d2", 2), ("conv1d4", 4)])
 def test_token_rate_and_padded_batch_equals_one_by_one(input_layer, factor):
     model = tiny_model(input_layer=input_layer, quantizer={"kind": "vq", "codebook_size": 64})
     assert model.token_rate == 100 / factor
@@ -268,6 +268,17 @@ def test_onnx_tokens_equal_pytorch_tokens(trained, tmp_path):
     expected, counts = model.tokenize(feats, frames)
     got = session.tokenize(feats, frames)
     assert got.shape == (3, math.ceil(feats.shape[-1] / 2))
+    for row in range(3):
+        np.testing.assert_array_equal(got[row, :counts[row]], expected[row, :counts[row]].numpy())
+
+
+def test_conv1d_front_exports_to_onnx_with_the_same_tokens(tmp_path):
+    model = tiny_model(input_layer="conv1d4", quantizer={"kind": "vq", "codebook_size": 64})
+    feats, lengths = random_feats([97, 40, 13])
+    expected, counts = model.tokenize(feats, lengths)
+    session = OnnxBackend(export_onnx(model, tmp_path / "conv1d.onnx"))
+    assert session.rate_factor == 4
+    got = session.tokenize(feats, lengths)
     for row in range(3):
         np.testing.assert_array_equal(got[row, :counts[row]], expected[row, :counts[row]].numpy())
 

@@ -1,4 +1,4 @@
-"""`cosy data validate|shards|corpus|zeroshot`."""
+"""`cosy data validate|shards|subset|corpus|zeroshot`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True, metavar="{validate,shards,corpus,zeroshot}")
+    sub = parser.add_subparsers(dest="action", required=True, metavar="{validate,shards,subset,corpus,zeroshot}")
     validate = sub.add_parser("validate", help="check a Kaldi data dir; every problem is printed as file:line")
     validate.add_argument("dir", help="data dir (wav.scp, text, utt2spk, ...)")
     validate.add_argument("--no-audio", action="store_true", help="do not open the audio files")
@@ -17,6 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shards.add_argument("out", help="output folder")
     shards.add_argument("--utts-per-shard", type=int, default=1000)
     shards.add_argument("--num-workers", type=int, default=1)
+
+    subset = sub.add_parser("subset", help="a data dir with a random fraction of each speaker's utterances")
+    subset.add_argument("dir", help="data dir")
+    subset.add_argument("out", help="output data dir (its tables; the audio stays where it is)")
+    subset.add_argument("--fraction", type=float, required=True, help="share of each speaker's utterances kept")
+    subset.add_argument("--seed", type=int, default=0)
 
     corpus = sub.add_parser("corpus", help="build the synthetic multi-speaker English corpus")
     corpus.add_argument("--size", choices=["tiny", "default"], default="default")
@@ -30,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"validate": _validate, "shards": _shards, "corpus": _corpus,
+    return {"validate": _validate, "shards": _shards, "subset": _subset, "corpus": _corpus,
             "zeroshot": _zeroshot}[args.action](args)
 
 
@@ -54,6 +60,16 @@ def _shards(args: argparse.Namespace) -> int:
     result = write_shards(args.dir, args.out, args.utts_per_shard, args.num_workers)
     print(f"wrote {result.rows} utterances in {len(result.shards)} shard(s) to {args.out}; "
           f"skipped {len(result.skipped)} with unreadable audio")
+    return 0
+
+
+def _subset(args: argparse.Namespace) -> int:
+    from cosy.data.kaldi import DataDir
+
+    full = DataDir.load(args.dir)
+    part = full.sample(args.fraction, args.seed)
+    part.save(args.out)
+    print(f"wrote {len(part.utts)} of {len(full.utts)} utterances ({len(part.spk2utt)} speakers) to {args.out}")
     return 0
 
 

@@ -10,6 +10,7 @@ refuses a dir that has problems.
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +69,17 @@ class DataDir:
             return None if table is None else {u: table[u] for u in utts}
         return DataDir(pick(self.wav), pick(self.text), pick(self.utt2spk), pick(self.utt2lang),
                        pick(self.utt2dur), self.path)
+
+    def sample(self, fraction: float, seed: int = 0) -> "DataDir":
+        """A random `fraction` of every speaker's utterances (at least one each), so that a
+        smaller training set keeps all the speakers of the full one."""
+        if not 0 < fraction <= 1:
+            raise CosyError(f"--fraction must be in (0, 1], got {fraction}")
+        rng = random.Random(seed)
+        keep = []
+        for utts in self.spk2utt.values():
+            keep += rng.sample(utts, max(1, round(fraction * len(utts))))
+        return self.subset(sorted(keep))
 
     @classmethod
     def load(cls, path: str | Path) -> "DataDir":

@@ -1,7 +1,7 @@
 """The supervised semantic speech tokenizer (S3).
 
     log-mel (batch, 128, frames) at 100 Hz
-      -> Encoder1 (conv2d subsampling x2 / x4 -> 50 / 25 Hz, transformer/conformer layers)
+      -> Encoder1 (conv subsampling x2 / x4 -> 50 / 25 Hz, transformer/conformer layers)
       -> quantiser (VQ / FSQ / none)          <- `tokenize` stops here
       -> Encoder2 -> ASR head (CTC + attention decoder over BPE ids)
 
@@ -39,7 +39,8 @@ def _encoder2_default() -> EncoderConfig:
 class TokenizerConfig:
     """The `model:` section of a `task: tokenizer` experiment.
 
-    encoder1.input_layer sets the token rate: conv2d2 -> 50 tokens/s, conv2d4 -> 25.
+    encoder1.input_layer sets the token rate: conv2d2 / conv1d2 -> 50 tokens/s, conv2d4 /
+    conv1d4 -> 25.
     text_tokenizer: a saved cosy.text.bpe tokenizer; vocab_size must match it.
     Loss = ctc_weight * CTC + att_weight * attention CE + the quantiser's commitment term.
     whisper_path: a local Hugging Face Whisper model dir; when set, Encoder1 is its conv
@@ -88,9 +89,9 @@ class TokenizerModel(nn.Module):
                 raise CosyError(f"config key 'model.mel.n_mels' is {cfg.mel.n_mels} but the Whisper model "
                                 f"in {cfg.whisper_path} takes {n_mels} mel bins")
         else:
-            if cfg.encoder1.input_layer not in ("conv2d2", "conv2d4"):
-                raise CosyError("config key 'model.encoder1.input_layer' must be conv2d2 (50 tokens/s) or "
-                                f"conv2d4 (25 tokens/s), got {cfg.encoder1.input_layer!r}")
+            if cfg.encoder1.input_layer not in ("conv2d2", "conv2d4", "conv1d2", "conv1d4"):
+                raise CosyError("config key 'model.encoder1.input_layer' must be conv2d2 / conv1d2 (50 tokens/s) "
+                                f"or conv2d4 / conv1d4 (25 tokens/s), got {cfg.encoder1.input_layer!r}")
             if cfg.encoder1.input_size != cfg.mel.n_mels:
                 raise CosyError(f"config key 'model.encoder1.input_size' must equal model.mel.n_mels "
                                 f"({cfg.mel.n_mels}), got {cfg.encoder1.input_size}")
