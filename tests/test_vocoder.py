@@ -351,8 +351,53 @@ def test_cli_export_and_copy_synthesis_eval(tmp_path, caplog):
     generator, _ = load_generator(ckpt)
     scored = evaluate(DataDir.load(data), generator, HelloRecogniser())["summary"]
     assert scored["wer_vocoded"] == pytest.approx(1 / 3)  # "hello" vs "hello world" and "hello"
+    assert "sim_pitch" not in scored
 
     assert main(["eval", "vocoder", "--data", str(data), "--vocoder", str(tmp_path / "none.safetensors")]) == 1
+
+
+def test_eval_vocoder_speaker_scores(tmp_path):
+    from cosy.data.kaldi import DataDir
+    from cosy.vocoder.evaluate import evaluate
+
+    def pitch_judge(samples, rate):
+        """A stand-in judge whose 'voice' is the dominant frequency; finds no speech in silence."""
+        spectrum = np.abs(np.fft.rfft(samples))
+        if spectrum.max() < 1e-3:
+            raise CosyError("no speech")
+        angle = np.fft.rfftfreq(len(samples), 1 / rate)[spectrum.argmax()] / 1000
+        return np.array([np.cos(angle), np.sin(angle)], dtype=np.float32)
+
+    data = tmp_path / "data"
+    data.mkdir()
+    t = np.arange(8000) / 16000
+    table = {"a1": (200, "a"), "a2": (210, "a"), "b1": (1500, "b"), "b2": (1480, "b")}
+    for utt, (freq, _) in table.items():
+        sf.write(data / f"{utt}.wav", 0.3 * np.sin(2 * np.pi * freq * t), 16000)
+    (data / "wav.scp").write_text("".join(f"{u} {u}.wav\n" for u in table))
+    (data / "text").write_text("".join(f"{u} hello\n" for u in table))
+    (data / "utt2spk").write_text("".join(f"{u} {s}\n" for u, (_, s) in table.items()))
+
+    class Tone(torch.nn.Module):
+        """A vocoder that says everything at `freq` Hz (0: silence)."""
+        mel = MelConfig()
+
+        def __init__(self, freq):
+            super().__init__()
+            self.freq = freq
+
+        def forward(self, mel):
+            samples = torch.arange(mel.shape[-1] * self.mel.hop_length) / self.mel.sample_rate
+            return 0.3 * torch.sin(2 * torch.pi * self.freq * samples)[None].repeat(mel.shape[0], 1), None
+
+    result = evaluate(DataDir.load(data), Tone(1490), embedders={"pitch": pitch_judge})
+    summary, per_utt = result["summary"], result["utterances"]
+    assert summary["spk_id_pitch_original"] == 1.0  # each original is closest to its own speaker
+    assert summary["spk_id_pitch_vocoded"] == 0.5  # every output sounds like speaker b
+    assert per_utt["b1"]["sim_pitch"] > 0.99 and per_utt["a1"]["sim_pitch"] < 0.5
+    assert summary["sim_pitch"] == pytest.approx(np.mean([s["sim_pitch"] for s in per_utt.values()]))
+    silent = evaluate(DataDir.load(data), Tone(0), embedders={"pitch": pitch_judge})["summary"]
+    assert silent["spk_id_pitch_vocoded"] == 0.0 and silent["sim_pitch"] == 0.0
 
 
 def test_mel_cepstral_distortion():

@@ -7,7 +7,11 @@ Each utterance is analysed into the vocoder's mel, vocoded back, and compared:
   filterbank, not an SPTK mel-generalised cepstrum), frames aligned one to one:
   10 / ln 10 * sqrt(2 * sum_d (c_d - c'_d)^2), averaged over frames;
 * with `--asr`, the word error rate of the independent recogniser (cosy.eval.asr) on the
-  vocoded audio against the data dir's `text`, next to its WER on the original audio.
+  vocoded audio against the data dir's `text`, next to its WER on the original audio;
+* with `--speaker`, whether the voice survives: resemblyzer similarity of each vocoded
+  utterance to its original, and speaker identification (closest speaker centroid of the
+  other original recordings) of the vocoded and of the original audio. A vocoder can
+  score a fair mel L1 and still lose the speaker, which a zero-shot system cannot afford.
 Unreadable audio is reported with its utterance id and skipped.
 """
 
@@ -26,6 +30,7 @@ import torch
 from cosy.audio import load_audio, mel_spectrogram, save_audio
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
+from cosy.eval.tts import speaker_embedders, speaker_identification
 from cosy.vocoder.hifigan import Generator
 from cosy.vocoder.loading import load_generator
 
@@ -55,11 +60,13 @@ def copy_synthesis(generator: Generator, wave: np.ndarray) -> tuple[np.ndarray, 
 
 
 def evaluate(data: DataDir, generator: Generator, recogniser=None, limit: int = 0,
-             save_dir: Path | None = None) -> dict:
-    """Scores per utterance and their means; `recogniser` (cosy.eval.asr.Recogniser) adds WER."""
+             save_dir: Path | None = None, embedders: dict | None = None) -> dict:
+    """Scores per utterance and their means; `recogniser` (cosy.eval.asr.Recogniser) adds WER,
+    `embedders` (name -> (samples, rate) -> unit vector, see cosy.eval.tts) speaker scores."""
     rate = generator.mel.sample_rate
     min_samples = generator.mel.n_fft
     per_utt, skipped, refs, hyps_vocoded, hyps_original = {}, [], [], [], []
+    vectors: dict[str, tuple[dict, dict]] = {}  # name -> (original, vocoded) vectors by utt
     for utt in data.utts[:limit or None]:
         try:
             wave, _ = load_audio(data.wav[utt], rate)
@@ -75,6 +82,12 @@ def evaluate(data: DataDir, generator: Generator, recogniser=None, limit: int = 
         per_utt[utt] = scores
         if save_dir is not None:
             save_audio(save_dir / f"{utt}.wav", vocoded, rate)
+        for name, embed in (embedders or {}).items():
+            original, copied = _embed(embed, wave, rate, utt), _embed(embed, vocoded, rate, utt)
+            vectors.setdefault(name, ({}, {}))
+            vectors[name][0][utt], vectors[name][1][utt] = original, copied
+            # a side the judge found no speech in resembles no one
+            scores[f"sim_{name}"] = 0.0 if original is None or copied is None else float(original @ copied)
         if recogniser is not None:
             refs.append(data.text[utt])
             hyps_vocoded.append(recogniser.transcribe(vocoded, rate))
@@ -84,6 +97,14 @@ def evaluate(data: DataDir, generator: Generator, recogniser=None, limit: int = 
     summary = {"utterances": len(per_utt), "skipped": skipped,
                "log_mel_l1": float(np.mean([s["log_mel_l1"] for s in per_utt.values()])),
                "mcd_db": float(np.mean([s["mcd_db"] for s in per_utt.values()]))}
+    for name, (original, copied) in vectors.items():
+        size = next((v.shape for v in [*original.values(), *copied.values()] if v is not None), (1,))
+        original, copied = ({u: np.zeros(size, np.float32) if v is None else v for u, v in table.items()}
+                            for table in (original, copied))
+        scored = data.subset(sorted(original))
+        summary[f"sim_{name}"] = float(np.mean([s[f"sim_{name}"] for s in per_utt.values()]))
+        summary[f"spk_id_{name}_original"] = speaker_identification(scored, original, original, {})
+        summary[f"spk_id_{name}_vocoded"] = speaker_identification(scored, copied, original, {})
     if recogniser is not None:
         from cosy.eval.asr import word_error_rate
 
@@ -91,6 +112,14 @@ def evaluate(data: DataDir, generator: Generator, recogniser=None, limit: int = 
         summary["wer_vocoded"] = word_error_rate(refs, hyps_vocoded)
         summary["wer_original"] = word_error_rate(refs, hyps_original)
     return {"summary": summary, "utterances": per_utt}
+
+
+def _embed(embed, wave: np.ndarray, rate: int, utt: str) -> np.ndarray | None:
+    try:
+        return embed(wave, rate)
+    except CosyError as err:
+        log.warning("utterance %s: %s; scored as a zero speaker vector", utt, err)
+        return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,6 +131,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-wavs", help="write the vocoded audio into this folder")
     parser.add_argument("--asr", action="store_true", help="also score WER with the independent recogniser")
     parser.add_argument("--whisper-dir", help="with --asr: a local Whisper model dir instead of pocketsphinx")
+    parser.add_argument("--speaker", action="store_true",
+                        help="also score speaker similarity and identification with resemblyzer")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,7 +143,9 @@ def run(args: argparse.Namespace) -> int:
         from cosy.eval.asr import load_recogniser
 
         recogniser = load_recogniser(args.whisper_dir)
-    result = evaluate(data, generator, recogniser, args.limit, Path(args.save_wavs) if args.save_wavs else None)
+    embedders = speaker_embedders(None) if args.speaker else None
+    result = evaluate(data, generator, recogniser, args.limit, Path(args.save_wavs) if args.save_wavs else None,
+                      embedders)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
