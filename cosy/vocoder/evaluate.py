@@ -12,6 +12,9 @@ Each utterance is analysed into the vocoder's mel, vocoded back, and compared:
   utterance to its original, and speaker identification (closest speaker centroid of the
   other original recordings) of the vocoded and of the original audio. A vocoder can
   score a fair mel L1 and still lose the speaker, which a zero-shot system cannot afford.
+
+`--griffin-lim` scores Griffin-Lim inversion of the same mel instead of the trained
+generator: a reference line for what the mel itself keeps (phase is lost, the voice not).
 Unreadable audio is reported with its utterance id and skipped.
 """
 
@@ -27,7 +30,7 @@ import numpy as np
 import scipy.fft
 import torch
 
-from cosy.audio import load_audio, mel_spectrogram, save_audio
+from cosy.audio import MelConfig, load_audio, mel_spectrogram, save_audio
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
 from cosy.eval.tts import speaker_embedders, speaker_identification
@@ -46,8 +49,29 @@ def mel_cepstral_distortion(log_mel_a: torch.Tensor, log_mel_b: torch.Tensor, or
     return float(10 / math.log(10) * per_frame.mean())
 
 
+class GriffinLim(torch.nn.Module):
+    """Mel `(batch, n_mels, frames)` -> `(batch, frames * hop)` by Griffin-Lim (librosa), with
+    the generator's interface: a reference vocoder that needs no training."""
+
+    def __init__(self, mel: MelConfig, iterations: int = 32):
+        super().__init__()
+        self.mel, self.iterations = mel, iterations
+
+    def forward(self, mel: torch.Tensor) -> tuple[torch.Tensor, None]:
+        import librosa
+
+        cfg, samples = self.mel, mel.shape[-1] * self.mel.hop_length
+        waves = []
+        for item in torch.exp(mel).numpy():
+            wave = librosa.feature.inverse.mel_to_audio(
+                item, sr=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length, win_length=cfg.win_length,
+                power=1.0, fmin=cfg.fmin, fmax=cfg.fmax, n_iter=self.iterations)
+            waves.append(np.pad(wave, (0, max(0, samples - len(wave))))[:samples])
+        return torch.from_numpy(np.stack(waves)).float(), None
+
+
 @torch.no_grad()
-def copy_synthesis(generator: Generator, wave: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+def copy_synthesis(generator: Generator | GriffinLim, wave: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
     """Vocode the mel of `wave` (at the vocoder's rate); -> (vocoded audio, scores)."""
     mel_cfg = generator.mel
     audio = torch.from_numpy(wave)[None]
@@ -59,7 +83,7 @@ def copy_synthesis(generator: Generator, wave: np.ndarray) -> tuple[np.ndarray, 
     return vocoded[0].numpy(), scores
 
 
-def evaluate(data: DataDir, generator: Generator, recogniser=None, limit: int = 0,
+def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, limit: int = 0,
              save_dir: Path | None = None, embedders: dict | None = None) -> dict:
     """Scores per utterance and their means; `recogniser` (cosy.eval.asr.Recogniser) adds WER,
     `embedders` (name -> (samples, rate) -> unit vector, see cosy.eval.tts) speaker scores."""
@@ -131,6 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-wavs", help="write the vocoded audio into this folder")
     parser.add_argument("--asr", action="store_true", help="also score WER with the independent recogniser")
     parser.add_argument("--whisper-dir", help="with --asr: a local Whisper model dir instead of pocketsphinx")
+    parser.add_argument("--griffin-lim", action="store_true",
+                        help="invert the checkpoint's mel with Griffin-Lim instead of its generator (a reference)")
     parser.add_argument("--speaker", action="store_true",
                         help="also score speaker similarity and identification with resemblyzer")
 
@@ -138,6 +164,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     data = DataDir.load(args.data)
     generator, _ = load_generator(args.vocoder, args.config)
+    if args.griffin_lim:
+        generator = GriffinLim(generator.mel)
     recogniser = None
     if args.asr:
         from cosy.eval.asr import load_recogniser
