@@ -175,6 +175,26 @@ def test_gan_task_trains_both_submodules_with_two_optimisers_in_bf16(tmp_path):
     assert Checkpoints(out).latest().cv_loss is not None
 
 
+def test_gan_warmup_trains_the_generator_alone(tmp_path):
+    train, cv = corpus(tmp_path, rows=16, per_shard=16)
+    conf = write_config(tmp_path / "gan.yaml", task="toy_task:GAN_TASK", data={"batch_type": "static", "batch_size": 4},
+                        train={"max_steps": 2, "gan_warmup_steps": 2, "log_every": 1})
+    out = tmp_path / "gan"
+    assert cli.main(train_args(conf, train, cv, out)) == 0
+    initial = get_task("toy_task:GAN_TASK")
+    torch.manual_seed(1234)
+    start = initial.build(initial.config_cls()).state_dict()
+    weights = read_weights(out / Checkpoints(out).latest().weights)
+    changed = {k.split(".")[0] for k in start if not torch.equal(start[k], weights[k])}
+    assert changed == {"generator"}
+    log = (out / "train.log").read_text()
+    assert "generator/mse=" in log and "discriminator/loss=" not in log and "generator/adv=" not in log
+    # past the warmup both turns run again
+    assert cli.main(train_args(conf, train, cv, out, "--resume", "train.max_steps=3")) == 0
+    after = read_weights(out / Checkpoints(out).latest().weights)
+    assert any(not torch.equal(weights[k], after[k]) for k in after if k.startswith("discriminator."))
+
+
 def test_outputs_config_log_and_tensorboard(tmp_path):
     train, cv = corpus(tmp_path, rows=16, per_shard=16)
     conf = write_config(tmp_path / "c.yaml", {"max_steps": 2, "log_every": 1},

@@ -211,6 +211,20 @@ def test_generator_turn_reuses_the_discriminator_turn_audio():
         model(batch, turn="both")
 
 
+def test_warmup_turn_has_only_reconstruction_losses_and_skips_the_discriminator():
+    torch.manual_seed(0)
+    cfg = tiny_model_config("hift")
+    model = VocoderModel(cfg).train()
+    batch = tone_batch(cfg, 2)
+    calls = []
+    model.discriminator.register_forward_hook(lambda *_: calls.append(1))
+    warm = model(batch, turn="warmup")
+    assert not calls and set(warm) == {"loss", "mel", "f0"}
+    torch.testing.assert_close(warm["loss"], cfg.loss.mel * warm["mel"] + cfg.loss.f0 * warm["f0"])
+    full = model(batch, turn="generator")
+    assert calls and {"adversarial", "feature"} <= set(full)
+
+
 def _wav_bytes(samples: np.ndarray, rate: int) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, samples, rate, format="WAV")

@@ -138,6 +138,9 @@ class ToyGan(nn.Module):
         fake = batch.pop("fake", None)
         if fake is None:
             fake = self.generator(batch["tokens"], batch["lengths"])
+        if turn == "warmup":
+            mse = ((fake - batch["target"]) ** 2).mean()
+            return {"loss": 10 * mse, "mse": mse.detach()}
         adversarial = ((self.discriminator(fake) - 1) ** 2).mean()
         mse = ((fake - batch["target"]) ** 2).mean()
         return {"loss": adversarial + 10 * mse, "adv": adversarial.detach(), "mse": mse.detach()}

@@ -47,7 +47,9 @@ class TrainConfig:
     without a validation loss. The last `keep_last` and the best `keep_best` (by validation
     loss) checkpoints are kept. `optim_d` is the discriminator's optimiser of a GAN
     task (None = the same settings as `optim`). `ema_decay` > 0 keeps an exponential
-    moving average of the weights.
+    moving average of the weights. `gan_warmup_steps`: a GAN task's first N steps train
+    the generator alone on its reconstruction losses (`turn="warmup"`); the discriminator,
+    which costs most of a step, is neither run nor stepped until then.
     """
 
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -59,6 +61,7 @@ class TrainConfig:
     grad_clip: float = 5.0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     ema_decay: float = 0.0
+    gan_warmup_steps: int = 0
     log_every: int = 10
     cv_every_steps: int = 0
     cv_every_epoch: bool = True
@@ -301,17 +304,20 @@ class Trainer:
         return {k: v.detach() for k, v in losses.items()}
 
     def _gan_step(self, batch: dict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        """Discriminator turn then generator turn on the same batch dict (see docs/design.md)."""
+        """Discriminator turn then generator turn on the same batch dict (see docs/design.md);
+        the generator's warmup turn alone during the first `gan_warmup_steps` steps."""
         logged, norms = {}, {}
-        for turn in ("discriminator", "generator"):
-            self.optimizers[turn].zero_grad(set_to_none=True)
+        warmup = self.step < self.config.train.gan_warmup_steps
+        for turn, optimizer in ([("warmup", "generator")] if warmup else
+                                [("discriminator", "discriminator"), ("generator", "generator")]):
+            self.optimizers[optimizer].zero_grad(set_to_none=True)
             with self._autocast():
                 losses = self.model(batch, turn=turn)
             self.scaler.scale(losses["loss"]).backward()
             if self.dist.world_size > 1:
-                _average_gradients(self.params[turn], self.dist.world_size)
-            norms[f"grad_norm_{turn}"] = self._update(turn)
-            logged.update({f"{turn}/{k}": v.detach() for k, v in losses.items()})
+                _average_gradients(self.params[optimizer], self.dist.world_size)
+            norms[f"grad_norm_{optimizer}"] = self._update(optimizer)
+            logged.update({f"{optimizer}/{k}": v.detach() for k, v in losses.items()})
         self.scaler.update()
         return logged, norms
 

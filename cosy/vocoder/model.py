@@ -3,7 +3,9 @@
 `VocoderModel(batch, turn="discriminator")` generates audio from the batch mel, scores
 real and generated (detached) audio, and returns the LSGAN discriminator loss.
 `VocoderModel(batch, turn="generator")` returns the generator loss: adversarial +
-2 x feature matching + 45 x mel L1 (+ f0 L1 for HiFT).
+2 x feature matching + 45 x mel L1 (+ f0 L1 for HiFT). `turn="warmup"` returns only its
+reconstruction terms (mel, f0) without running the discriminator, for the trainer's
+`gan_warmup_steps`.
 
 The audio generated in the discriminator turn is cached on the module and reused by
 the generator turn of the same batch (the trainer runs the two turns back to back and
@@ -68,9 +70,9 @@ class VocoderModel(nn.Module):
     def forward(self, batch: dict, turn: str = "generator") -> dict[str, torch.Tensor]:
         if turn == "discriminator":
             return self._discriminator_turn(batch)
-        if turn == "generator":
-            return self._generator_turn(batch)
-        raise CosyError(f"unknown GAN turn '{turn}' (discriminator or generator)")
+        if turn in ("generator", "warmup"):
+            return self._generator_turn(batch, adversarial=turn == "generator")
+        raise CosyError(f"unknown GAN turn '{turn}' (discriminator, generator or warmup)")
 
     def _generate(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._cache is not None and self._cache[0] is batch["mel"] and self.training:
@@ -87,17 +89,19 @@ class VocoderModel(nn.Module):
         fake_scores, _ = self.discriminator(fake.detach())
         return {"loss": discriminator_loss(real_scores, fake_scores)}
 
-    def _generator_turn(self, batch: dict) -> dict[str, torch.Tensor]:
+    def _generator_turn(self, batch: dict, adversarial: bool = True) -> dict[str, torch.Tensor]:
         fake, f0 = self._generate(batch)
         real = batch["audio"]
-        _, real_features = self.discriminator(real)
-        fake_scores, fake_features = self.discriminator(fake)
         w = self.cfg.loss
-        adversarial = generator_loss(fake_scores)
-        feature = feature_matching_loss(real_features, fake_features)
         mel = F.l1_loss(mel_spectrogram(fake, self.loss_mel), mel_spectrogram(real, self.loss_mel))
-        terms = {"adversarial": adversarial, "feature": feature, "mel": mel}
-        loss = w.adversarial * adversarial + w.feature * feature + w.mel * mel
+        terms = {"mel": mel}
+        loss = w.mel * mel
+        if adversarial:
+            _, real_features = self.discriminator(real)
+            fake_scores, fake_features = self.discriminator(fake)
+            terms["adversarial"] = generator_loss(fake_scores)
+            terms["feature"] = feature_matching_loss(real_features, fake_features)
+            loss = loss + w.adversarial * terms["adversarial"] + w.feature * terms["feature"]
         if f0 is not None:
             terms["f0"] = F.l1_loss(f0, batch["f0"])
             loss = loss + w.f0 * terms["f0"]
