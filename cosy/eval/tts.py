@@ -25,11 +25,12 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from cosy.audio import load_audio, resample
+from cosy.audio import load_audio
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
 from cosy.eval.asr import load_recogniser, word_error_rate
 from cosy.eval.mos import dnsmos
+from cosy.eval.speaker import Embedder, speaker_embedders, speaker_identification
 
 log = logging.getLogger(__name__)
 
@@ -50,51 +51,6 @@ def read_hypotheses(hyp_dir: Path, data: DataDir) -> tuple[dict[str, Path], dict
                 raise CosyError(f"{table}:{number}: expected '<utt> <prompt utt of {data.path}>'")
             prompts[parts[0]] = parts[1]
     return wavs, prompts
-
-
-Embedder = Callable[[np.ndarray, int], np.ndarray]
-
-
-def speaker_embedders(speaker_model: str | None) -> dict[str, Embedder]:
-    """name -> function (samples, rate) -> unit speaker vector."""
-    from cosy.speaker.judge import ResemblyzerJudge
-
-    judge = ResemblyzerJudge()
-    embedders: dict[str, Embedder] = {"resemblyzer": judge.embed}
-    if speaker_model:
-        from cosy.speaker.extract import load_speaker_encoder
-        from cosy.speaker.features import SAMPLE_RATE, fbank_features
-
-        encoder = load_speaker_encoder(speaker_model)
-        embedders["cosy"] = lambda x, sr: _unit(
-            encoder(fbank_features(resample(x, sr, SAMPLE_RATE), encoder.feat_dim)))
-    return embedders
-
-
-def _unit(vector: np.ndarray) -> np.ndarray:
-    return vector / max(float(np.linalg.norm(vector)), 1e-12)
-
-
-def speaker_identification(data: DataDir, embeddings: dict[str, np.ndarray],
-                           reference: dict[str, np.ndarray], exclude: dict[str, str]) -> float:
-    """Share of utterances whose vector is closest to their own speaker's centroid.
-
-    Centroids come from the data dir's recordings (`reference`), leaving out the
-    utterance itself and the prompt it was made from, so the prompt cannot vote.
-    """
-    hits = []
-    for utt, vector in embeddings.items():
-        if not vector.any():  # a judge found no speech in it: it identifies nobody
-            hits.append(False)
-            continue
-        scores = {}
-        for spk, members in data.spk2utt.items():
-            usable = [m for m in members if m in reference]
-            kept = [m for m in usable if m not in (utt, exclude.get(utt))] or usable
-            if kept:
-                scores[spk] = float(vector @ _unit(np.mean([reference[m] for m in kept], axis=0)))
-        hits.append(max(scores, key=scores.get) == data.utt2spk[utt])
-    return float(np.mean(hits))
 
 
 def score_system(utts: list[str], get_audio: Callable[[str], tuple[np.ndarray, int]], data: DataDir,

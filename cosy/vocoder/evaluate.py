@@ -33,7 +33,7 @@ import torch
 from cosy.audio import MelConfig, load_audio, mel_spectrogram, save_audio
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
-from cosy.eval.tts import speaker_embedders, speaker_identification
+from cosy.eval.speaker import speaker_embedders, speaker_identification
 from cosy.vocoder.hifigan import Generator
 from cosy.vocoder.loading import load_generator
 
