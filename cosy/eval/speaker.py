@@ -3,12 +3,16 @@ model) and speaker identification against the recordings of a data dir."""
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import numpy as np
 
 from cosy.audio import resample
 from cosy.data.kaldi import DataDir
+from cosy.errors import CosyError
+
+log = logging.getLogger(__name__)
 
 Embedder = Callable[[np.ndarray, int], np.ndarray]
 
@@ -27,6 +31,16 @@ def speaker_embedders(speaker_model: str | None) -> dict[str, Embedder]:
         embedders["cosy"] = lambda x, sr: _unit(
             encoder(fbank_features(resample(x, sr, SAMPLE_RATE), encoder.feat_dim)))
     return embedders
+
+
+def embed_or_none(embed: Embedder, samples: np.ndarray, rate: int, utt: str) -> np.ndarray | None:
+    """The judge's vector, or None (logged) where it finds no speech: such audio resembles
+    no one, and the callers score it as a zero vector."""
+    try:
+        return embed(samples, rate)
+    except CosyError as err:
+        log.warning("utterance %s: %s; scored as a zero speaker vector", utt, err)
+        return None
 
 
 def _unit(vector: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
 from cosy.eval.asr import load_recogniser, word_error_rate
 from cosy.eval.mos import dnsmos
-from cosy.eval.speaker import Embedder, speaker_embedders, speaker_identification
+from cosy.eval.speaker import Embedder, embed_or_none, speaker_embedders, speaker_identification
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +68,8 @@ def score_system(utts: list[str], get_audio: Callable[[str], tuple[np.ndarray, i
             continue
         texts.append(asr.transcribe(samples, rate))
         for name, embed in embedders.items():
-            try:
-                vectors[name][utt] = embed(samples, rate)
-            except CosyError as err:  # e.g. no speech found: the output resembles no one (similarity 0)
-                log.warning("utterance %s: %s; scored as a zero speaker vector", utt, err)
-                vectors[name][utt] = np.zeros_like(next(iter(reference[name].values())))
+            vector = embed_or_none(embed, samples, rate, utt)
+            vectors[name][utt] = np.zeros_like(next(iter(reference[name].values()))) if vector is None else vector
         if mos:
             quality.append(dnsmos(samples, rate)["ovrl"])
     out = {"wer": word_error_rate([data.text[u] for u in utts], texts), "hypotheses": dict(zip(utts, texts))}

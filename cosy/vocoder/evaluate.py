@@ -33,7 +33,7 @@ import torch
 from cosy.audio import MelConfig, load_audio, mel_spectrogram, save_audio
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
-from cosy.eval.speaker import speaker_embedders, speaker_identification
+from cosy.eval.speaker import embed_or_none, speaker_embedders, speaker_identification
 from cosy.vocoder.hifigan import Generator
 from cosy.vocoder.loading import load_generator
 
@@ -86,7 +86,7 @@ def copy_synthesis(generator: Generator | GriffinLim, wave: np.ndarray) -> tuple
 def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, limit: int = 0,
              save_dir: Path | None = None, embedders: dict | None = None) -> dict:
     """Scores per utterance and their means; `recogniser` (cosy.eval.asr.Recogniser) adds WER,
-    `embedders` (name -> (samples, rate) -> unit vector, see cosy.eval.tts) speaker scores."""
+    `embedders` (name -> (samples, rate) -> unit vector, see cosy.eval.speaker) speaker scores."""
     rate = generator.mel.sample_rate
     min_samples = generator.mel.n_fft
     per_utt, skipped, refs, hyps_vocoded, hyps_original = {}, [], [], [], []
@@ -107,7 +107,7 @@ def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, 
         if save_dir is not None:
             save_audio(save_dir / f"{utt}.wav", vocoded, rate)
         for name, embed in (embedders or {}).items():
-            original, copied = _embed(embed, wave, rate, utt), _embed(embed, vocoded, rate, utt)
+            original, copied = embed_or_none(embed, wave, rate, utt), embed_or_none(embed, vocoded, rate, utt)
             vectors.setdefault(name, ({}, {}))
             vectors[name][0][utt], vectors[name][1][utt] = original, copied
             # a side the judge found no speech in resembles no one
@@ -136,14 +136,6 @@ def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, 
         summary["wer_vocoded"] = word_error_rate(refs, hyps_vocoded)
         summary["wer_original"] = word_error_rate(refs, hyps_original)
     return {"summary": summary, "utterances": per_utt}
-
-
-def _embed(embed, wave: np.ndarray, rate: int, utt: str) -> np.ndarray | None:
-    try:
-        return embed(wave, rate)
-    except CosyError as err:
-        log.warning("utterance %s: %s; scored as a zero speaker vector", utt, err)
-        return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
