@@ -1,11 +1,12 @@
 """`cosy bench`: speed of zero-shot synthesis on this machine.
 
-    cosy bench [--model-dir DIR | --config tiny|v1] [--steps 10] [--threads N] [--json FILE]
+    cosy bench [--model-dir DIR | --config tiny|v1] [--steps 10] [--threads N] [--device cuda] [--json FILE]
 
 Measures, for one sentence and a 3 s synthetic prompt: the real-time factor of offline
 synthesis (wall time / audio duration), the first-chunk latency and RTF of streaming,
-LM tokens per second, and the peak resident memory of the process; every time is given
-as wall time and as this process's CPU time (see `Clock`). A named config
+LM tokens per second, and the peak resident memory of the process (on CUDA also the
+peak GPU memory); every time is given as wall time and as this process's CPU time
+(see `Clock`). A named config
 builds every part with random weights (`tiny`: the test-sized system; `v1`: the
 published CosyVoice-300M sizes), so the LM's output length is arbitrary: the figures
 are per second of whatever it produced. Prints a table, then one JSON object.
@@ -149,12 +150,22 @@ def write_random_experiments(root: str | Path, name: str = "tiny", seed: int = 0
 
 class Clock:
     """Wall time and this process's CPU time since creation. On a shared machine wall time
-    depends on the load; with one torch thread, CPU time is what an idle core would take."""
+    depends on the load; with one torch thread, CPU time is what an idle core would take.
+    CUDA work is waited for before each reading, since kernels run asynchronously."""
 
     def __init__(self):
+        self._sync()
         self.wall, self.cpu = time.perf_counter(), time.process_time()
 
+    @staticmethod
+    def _sync():
+        import torch
+
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+
     def read(self) -> tuple[float, float]:
+        self._sync()
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
@@ -178,6 +189,9 @@ def measure(tts, prompt: tuple[np.ndarray, int], text: str = TEXT) -> dict[str, 
     streaming, streaming_cpu = clock.read()
     first = first or (float("nan"), float("nan"))
     n_tokens = sum(len(t) for t in tokens)
+    import torch
+
+    gpu = {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20} if torch.cuda.is_initialized() else {}
     return {
         "audio_seconds": seconds,
         "rtf": offline / seconds,
@@ -190,6 +204,7 @@ def measure(tts, prompt: tuple[np.ndarray, int], text: str = TEXT) -> dict[str, 
         "lm_tokens_per_second": n_tokens / lm,
         "lm_tokens_per_cpu_second": n_tokens / lm_cpu,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **gpu,
     }
 
 
@@ -204,7 +219,7 @@ def synthetic_prompt(seconds: float = 3.0, rate: int = 16000) -> tuple[np.ndarra
     return (0.2 * envelope * voiced + 0.01 * rng.standard_normal(len(t))).astype(np.float32), rate
 
 
-def random_tts(name: str, steps: int | None = None):
+def random_tts(name: str, steps: int | None = None, device: str = "cpu"):
     """A CosyTTS of named system `name` with random weights (packed in a temporary dir)."""
     from cosy.inference.model_dir import pack
     from cosy.inference.pipeline import CosyTTS
@@ -213,7 +228,7 @@ def random_tts(name: str, steps: int | None = None):
     with tempfile.TemporaryDirectory() as tmp:
         dirs = write_random_experiments(Path(tmp) / "exp", name, overrides=overrides)
         tokenizer = write_text_tokenizer(Path(tmp) / "tokenizer.json")
-        return CosyTTS.from_pretrained(pack(dirs, tokenizer, Path(tmp) / "model"))
+        return CosyTTS.from_pretrained(pack(dirs, tokenizer, Path(tmp) / "model"), device)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -223,6 +238,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a named system with random weights (default: tiny)")
     parser.add_argument("--steps", type=int, help="flow solver steps (named configs; default: the config's 10)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="torch device to synthesise on (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--json", help="also write the JSON result to this file")
 
 
@@ -234,8 +250,11 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     name = args.model_dir or args.config
-    tts = CosyTTS.from_pretrained(args.model_dir) if args.model_dir else random_tts(args.config, args.steps)
-    result = {"system": name, "threads": torch.get_num_threads(),
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise CosyError(f"--device {args.device}: this torch sees no CUDA device")
+    tts = (CosyTTS.from_pretrained(args.model_dir, args.device) if args.model_dir
+           else random_tts(args.config, args.steps, args.device))
+    result = {"system": name, "device": args.device, "threads": torch.get_num_threads(),
               "flow_steps": tts.parts.flow.cfg.cfm.steps, **measure(tts, synthetic_prompt())}
     rows = [("audio generated", f"{result['audio_seconds']:.2f} s"),
             ("offline RTF", f"{result['rtf']:.3f} (CPU {result['rtf_cpu']:.3f})"),
@@ -245,7 +264,9 @@ def run(args: argparse.Namespace) -> int:
             ("LM tokens/s", f"{result['lm_tokens_per_second']:.1f} (CPU {result['lm_tokens_per_cpu_second']:.1f}; "
                             f"{result['lm_tokens']} tokens)"),
             ("peak memory (RSS)", f"{result['peak_rss_mb']:.0f} MB")]
-    print(f"cosy bench: {name}, {result['threads']} thread(s), {result['flow_steps']} flow steps")
+    if "peak_gpu_mb" in result:
+        rows.append(("peak GPU memory", f"{result['peak_gpu_mb']:.0f} MB"))
+    print(f"cosy bench: {name} on {args.device}, {result['threads']} thread(s), {result['flow_steps']} flow steps")
     for label, value in rows:
         print(f"  {label:<24} {value}")
     text = json.dumps(result)

@@ -72,7 +72,12 @@ class OnnxBackend:
     def __init__(self, path: str | Path, device: str = "cpu"):
         import onnxruntime as ort
 
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else None
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" in ort.get_available_providers():
+                providers.insert(0, "CUDAExecutionProvider")
+            else:  # the plain onnxruntime wheel is CPU-only; say so once instead of ort's warning per session
+                log.info("onnxruntime has no CUDA provider (install onnxruntime-gpu): %s runs on the CPU", path)
         try:
             self.session = ort.InferenceSession(str(path), providers=providers)
         except Exception as err:  # onnxruntime raises its own exception types

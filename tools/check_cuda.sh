@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Exercise cosy's CUDA paths on a machine with a GPU, in about five minutes:
+#   1. training speed of the engine on the GPU: fp32, bf16 and fp16 autocast (tools/bench_train.py);
+#   2. synthesis speed on the GPU against the CPU (cosy bench): the tiny and v1 sizes, the default model;
+#   3. the tiny mini recipe, stages 1-8, every model trained under torchrun on one GPU and
+#      embeddings and speech tokens extracted on cuda;
+#   4. those speech tokens extracted again on the CPU: the share of tokens that agree.
+# Every check runs even when an earlier one failed; the summary at the end lists each one's status.
+#
+#   tools/check_cuda.sh OUT [CORPUS]
+#
+# OUT: a new folder for the logs and the recipe's experiment. CORPUS: a tiny corpus made by
+# `cosy data corpus --size tiny` elsewhere (default: build one here, which needs espeak-ng).
+set -uo pipefail
+[ $# -ge 1 ] || { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 1; }
+out=$1
+corpus=${2:-}
+root=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+summary=$out/summary.tsv
+: > "$summary"
+
+check() {  # NAME SECONDS COMMAND...: run one check with a time limit, log it, record its status
+  local name=$1 limit=$2 start rc
+  shift 2
+  echo "=== $name"
+  start=$(date +%s)
+  timeout "$limit" "$@" > "$out/$name.log" 2>&1
+  rc=$?
+  tail -n 15 "$out/$name.log"
+  printf '%s\t%s\t%ss\n' "$name" "$([ $rc = 0 ] && echo ok || echo "FAILED ($rc)")" "$(( $(date +%s) - start ))" \
+    >> "$summary"
+}
+
+# share of speech tokens that agree between two copies of the corpus (argv: GPU_DATA CPU_DATA)
+cat > "$out/compare_tokens.py" <<'EOF'
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+same = total = 0
+for part in ("train", "dev", "test"):
+    gpu = load_file(str(Path(sys.argv[1]) / part / "utt2speech_token.safetensors"))
+    cpu = load_file(str(Path(sys.argv[2]) / part / "utt2speech_token.safetensors"))
+    assert gpu.keys() == cpu.keys(), f"{part}: different utterances"
+    for utt, tokens in gpu.items():
+        assert tokens.shape == cpu[utt].shape, f"{utt}: {tuple(tokens.shape)} vs {tuple(cpu[utt].shape)}"
+        same += int((tokens == cpu[utt]).sum())
+        total += tokens.numel()
+print(f"speech tokens, cuda vs cpu: {same}/{total} agree ({100 * same / total:.2f}%)")
+sys.exit(0 if same / total > 0.95 else 1)
+EOF
+
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" \
+  | tee "$out/device.txt"
+
+check bench_train 240 python "$root/tools/bench_train.py" --steps 20
+for config in tiny v1; do
+  check "bench_${config}_cuda" 240 cosy bench --config "$config" --device cuda --json "$out/bench_${config}_cuda.json"
+done
+check bench_tiny_cpu 240 cosy bench --config tiny --device cpu --json "$out/bench_tiny_cpu.json"
+if [ -d "$root/cosy/assets/default" ]; then
+  check bench_default_cuda 240 cosy bench --model-dir "$root/cosy/assets/default" --device cuda \
+    --json "$out/bench_default_cuda.json"
+  check bench_default_cpu 240 cosy bench --model-dir "$root/cosy/assets/default" --device cpu \
+    --json "$out/bench_default_cpu.json"
+fi
+
+if [ -z "$corpus" ]; then
+  corpus=$out/corpus
+  check corpus 600 cosy data corpus --size tiny --out "$corpus" --seed 0
+fi
+check recipe_tiny_gpu 900 bash "$root/recipes/mini/run.sh" --size tiny --dir "$out/mini" --data "$corpus" \
+  --ngpu 1 --stage 1 --stop_stage 8
+if [ -f "$corpus/test/utt2speech_token.safetensors" ]; then
+  rm -rf "$out/corpus_cpu"
+  cp -r "$corpus" "$out/corpus_cpu"
+  for part in train dev test; do
+    check "tokens_cpu_$part" 300 cosy extract tokens --data "$out/corpus_cpu/$part" \
+      --tokenizer "$out/mini/exp/tokenizer/model.safetensors" --device cpu
+  done
+  check tokens_agree 60 python "$out/compare_tokens.py" "$corpus" "$out/corpus_cpu"
+fi
+
+echo "=== summary"
+cat "$summary"
+! grep -q FAILED "$summary"
