@@ -1,11 +1,13 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from cosy.cli import main
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
+from cosy.eval.speaker import speaker_identification, speaker_identification_of_means
 from cosy.eval.tts import evaluate
 
 
@@ -30,7 +32,7 @@ def test_copies_of_the_recordings_score_like_the_recordings(tiny_corpus, tmp_pat
     synth, truth = report["synthesised"], report["ground_truth"]
     assert synth["wer"] == truth["wer"] and synth["hypotheses"] == truth["hypotheses"]
     assert synth["sim_resemblyzer"] == pytest.approx(truth["sim_resemblyzer"], abs=1e-6)
-    assert synth["spk_id_resemblyzer"] == 1.0
+    assert synth["spk_id_resemblyzer"] == 1.0 and synth["spk_mean_id_resemblyzer"] == 1.0
     assert "| synthesised |" in (hyp / "eval.md").read_text()
 
 
@@ -42,6 +44,7 @@ def test_wrong_voices_are_caught_by_the_speaker_judges(tiny_corpus, tmp_path):
     other = {u: data.spk2utt[speakers[1 - speakers.index(data.utt2spk[u])]][0] for u in data.utts}
     report = evaluate(_hyp_dir(tmp_path / "swap", data, other.get), test, mos=False)
     assert report["synthesised"]["spk_id_resemblyzer"] == 0.0
+    assert report["synthesised"]["spk_mean_id_resemblyzer"] == 0.0
     assert report["synthesised"]["sim_resemblyzer"] < report["ground_truth"]["sim_resemblyzer"] - 0.05
 
 
@@ -65,3 +68,17 @@ def test_an_unreadable_output_is_scored_as_empty_and_the_rest_completes(tiny_cor
     assert all(synth["hypotheses"][u] == truth["hypotheses"][u] for u in data.utts[1:])
     assert synth["wer"] > truth["wer"]
     assert synth["spk_id_resemblyzer"] == pytest.approx((len(data.utts) - 1) / len(data.utts))
+
+
+def test_speaker_means_decide_where_single_outputs_are_ambiguous():
+    """Speaker a's two outputs: one clearly a, one slightly nearer b. Per output, half are
+    identified; on average a's outputs are still nearer a. Speaker b's outputs are all a."""
+    unit = lambda v: np.asarray(v, dtype=float) / np.linalg.norm(v)  # noqa: E731
+    data = DataDir(wav={u: u for u in ("a1", "a2", "b1", "b2")}, text={u: "" for u in ("a1", "a2", "b1", "b2")},
+                   utt2spk={"a1": "a", "a2": "a", "b1": "b", "b2": "b"})
+    reference = {"a1": unit([1, 0]), "a2": unit([1, 0]), "b1": unit([0, 1]), "b2": unit([0, 1])}
+    outputs = {"a1": unit([1, 0.1]), "a2": unit([0.9, 1]), "b1": unit([1, 0.2]), "b2": unit([1, 0.3])}
+    assert speaker_identification(data, outputs, reference, {}) == 0.25
+    assert speaker_identification_of_means(data, outputs, reference) == 0.5
+    silent = {u: np.zeros(2) for u in outputs}  # judged as no speech: resembles no one
+    assert speaker_identification_of_means(data, silent, reference) == 0.0

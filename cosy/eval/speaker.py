@@ -47,23 +47,45 @@ def _unit(vector: np.ndarray) -> np.ndarray:
     return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
 
+def _nearest_speaker(vector: np.ndarray, data: DataDir, reference: dict[str, np.ndarray],
+                     leave_out: set[str]) -> str:
+    """The speaker whose centroid (of the reference vectors of their utterances, without
+    `leave_out` unless that leaves none) has the highest cosine with `vector`."""
+    scores = {}
+    for spk, members in data.spk2utt.items():
+        usable = [m for m in members if m in reference]
+        kept = [m for m in usable if m not in leave_out] or usable
+        if kept:
+            scores[spk] = float(vector @ _unit(np.mean([reference[m] for m in kept], axis=0)))
+    return max(scores, key=scores.get)
+
+
 def speaker_identification(data: DataDir, embeddings: dict[str, np.ndarray],
                            reference: dict[str, np.ndarray], exclude: dict[str, str]) -> float:
     """Share of utterances whose vector is closest to their own speaker's centroid.
 
     Centroids come from the data dir's recordings (`reference`), leaving out the
     utterance itself and the prompt it was made from, so the prompt cannot vote.
+    A zero vector (a judge found no speech) identifies nobody.
     """
-    hits = []
+    return float(np.mean([bool(vector.any()) and _nearest_speaker(vector, data, reference, {utt, exclude.get(utt)})
+                          == data.utt2spk[utt] for utt, vector in embeddings.items()]))
+
+
+def speaker_identification_of_means(data: DataDir, embeddings: dict[str, np.ndarray],
+                                    reference: dict[str, np.ndarray]) -> float:
+    """Share of speakers whose outputs are, on average, more similar to their own speaker
+    than to any other speaker of the data dir.
+
+    Each vector is a unit vector, so the mean cosine of a speaker's outputs to a unit
+    centroid is the dot product of their mean vector with it: this is speaker ID of each
+    speaker's mean output vector, against the centroids of all recordings.
+    """
+    by_speaker: dict[str, list[np.ndarray]] = {}
     for utt, vector in embeddings.items():
-        if not vector.any():  # a judge found no speech in it: it identifies nobody
-            hits.append(False)
-            continue
-        scores = {}
-        for spk, members in data.spk2utt.items():
-            usable = [m for m in members if m in reference]
-            kept = [m for m in usable if m not in (utt, exclude.get(utt))] or usable
-            if kept:
-                scores[spk] = float(vector @ _unit(np.mean([reference[m] for m in kept], axis=0)))
-        hits.append(max(scores, key=scores.get) == data.utt2spk[utt])
+        by_speaker.setdefault(data.utt2spk[utt], []).append(vector)
+    hits = []
+    for spk, vectors in by_speaker.items():
+        mean = np.mean(vectors, axis=0)
+        hits.append(bool(mean.any()) and _nearest_speaker(mean, data, reference, set()) == spk)
     return float(np.mean(hits))

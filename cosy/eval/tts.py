@@ -11,6 +11,8 @@ reference line a system should approach:
   (independent judge) and, with `--speaker`, of cosy's own speaker model;
 * speaker identification: share of outputs closer to their own speaker's centroid (built
   from the data dir's other recordings of that speaker) than to any other speaker's;
+  and, per speaker, whether their outputs are on average closer to their own speaker than
+  to any other (the share of speakers for whom that holds);
 * DNSMOS overall quality (speechmos).
 """
 
@@ -30,7 +32,8 @@ from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
 from cosy.eval.asr import load_recogniser, word_error_rate
 from cosy.eval.mos import dnsmos
-from cosy.eval.speaker import Embedder, embed_or_none, speaker_embedders, speaker_identification
+from cosy.eval.speaker import (Embedder, embed_or_none, speaker_embedders, speaker_identification,
+                               speaker_identification_of_means)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,7 @@ def score_system(utts: list[str], get_audio: Callable[[str], tuple[np.ndarray, i
             out[f"sim_{name}"] = float(np.mean([vectors[name][u] @ reference[name][prompts[u]]
                                                 for u in utts if prompts.get(u) in reference[name]]))
         out[f"spk_id_{name}"] = speaker_identification(data, vectors[name], reference[name], prompts)
+        out[f"spk_mean_id_{name}"] = speaker_identification_of_means(data, vectors[name], reference[name])
     return out
 
 
@@ -111,6 +115,7 @@ def evaluate(hyp_dir: str | Path, data_dir: str | Path, speaker_model: str | Non
 
 METRICS = [("wer", "WER (%)", 100.0), ("sim_resemblyzer", "SIM resemblyzer", 1.0), ("sim_cosy", "SIM cosy", 1.0),
            ("spk_id_resemblyzer", "speaker ID resemblyzer (%)", 100.0), ("spk_id_cosy", "speaker ID cosy (%)", 100.0),
+           ("spk_mean_id_resemblyzer", "speakers closest to own voice on average, resemblyzer (%)", 100.0),
            ("dnsmos_ovrl", "DNSMOS OVRL", 1.0)]
 
 
