@@ -84,6 +84,40 @@ def test_fsq_standardises_projection_so_nearly_constant_inputs_spread_over_codes
     assert agree > 0.9 and fsq.encode(x)[mask].equal(fsq(x, mask)[1][mask])
 
 
+def test_fsq_whitening_decorrelates_digits_and_spreads_codes():
+    """Digits driven by one shared factor each look uniform yet use few combinations;
+    whitening the projection removes the correlation and spreads the codes."""
+    torch.manual_seed(3)
+    levels = [3] * 6
+    shared = torch.randn(8, 200, 1)
+    x = shared + 0.3 * torch.randn(8, 200, 6)  # every dim ~ the same factor: corr ~ 0.9
+    mask = torch.ones(8, 200, dtype=torch.bool)
+    mask[2, 150:] = False
+    x[2, 150:] = 50.0  # padding must not enter the statistics
+    usage = {}
+    for whiten in (False, True):
+        torch.manual_seed(4)
+        fsq = FSQ(dim=6, levels=levels, whiten=whiten).train()
+        with torch.no_grad():
+            fsq.down.weight.copy_(torch.eye(6))
+            fsq.down.bias.zero_()
+        z = fsq._project(x, mask)[mask]
+        usage[whiten] = codebook_usage(fsq(x, mask)[1][mask], fsq.codebook_size)["used_fraction"]
+        if whiten:
+            torch.testing.assert_close(torch.cov(z.T, correction=0), torch.eye(6), atol=2e-3, rtol=0)
+    assert usage[True] > 3 * usage[False]
+    # gradients pass through the whitening; eval mode uses the running estimate
+    fsq.zero_grad()
+    fsq(x, mask)[0].pow(2).sum().backward()
+    assert fsq.down.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        for _ in range(300):
+            fsq(x, mask)
+        codes = fsq(x, mask)[1][mask]
+        agree = (fsq.eval()(x, mask)[1][mask] == codes).float().mean()
+    assert agree > 0.9 and fsq.encode(x)[mask].equal(fsq(x, mask)[1][mask])
+
+
 def test_vq_straight_through_and_commitment_loss():
     torch.manual_seed(0)
     vq = build_quantizer(QuantizerConfig(kind="vq", codebook_size=16, beta=0.5), dim=4)

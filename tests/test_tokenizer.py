@@ -283,6 +283,19 @@ def test_conv1d_front_exports_to_onnx_with_the_same_tokens(tmp_path):
         np.testing.assert_array_equal(got[row, :counts[row]], expected[row, :counts[row]].numpy())
 
 
+def test_whitened_fsq_exports_to_onnx_with_the_same_tokens(tmp_path):
+    model = tiny_model(input_layer="conv1d2", quantizer={"kind": "fsq", "levels": [3, 3, 3, 3], "whiten": True})
+    torch.manual_seed(1)
+    with torch.no_grad():  # a whitening estimate that rotates and scales, as after training
+        model.quantizer.running_mean.copy_(0.1 * torch.randn(4))
+        model.quantizer.whitening.copy_(torch.eye(4) + 0.5 * torch.randn(4, 4).tril())
+    feats, lengths = random_feats([97, 40, 13])
+    expected, counts = model.tokenize(feats, lengths)
+    got = OnnxBackend(export_onnx(model, tmp_path / "whitened.onnx")).tokenize(feats, lengths)
+    for row in range(3):
+        np.testing.assert_array_equal(got[row, :counts[row]], expected[row, :counts[row]].numpy())
+
+
 def test_extract_batched_equals_one_by_one_and_skips_bad_audio(trained, tmp_path, caplog):
     ckpt, onnx_path = trained
     # 2.1 s exceeds this model's max_seconds of 1.0: it is tokenized in windows

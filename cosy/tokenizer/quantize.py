@@ -32,7 +32,8 @@ class QuantizerConfig:
     encoder output is projected down to it and back up), EMA `decay`, commitment weight
     `beta`, `l2_normalize` codes and inputs (cosine-similarity lookup), and a code unused for
     `dead_after` training updates is replaced by a random vector of the current batch.
-    fsq: `levels` per dimension; the number of codes is their product.
+    fsq: `levels` per dimension; the number of codes is their product. `whiten`: decorrelate
+    the projected dimensions (batch whitening) instead of only standardising each one.
     """
 
     kind: Literal["vq", "fsq", "none"] = "fsq"
@@ -43,6 +44,7 @@ class QuantizerConfig:
     l2_normalize: bool = False
     dead_after: int = 50
     levels: list[int] = field(default_factory=lambda: [3] * 8)
+    whiten: bool = False
 
 
 class Quantizer(nn.Module):
@@ -90,9 +92,14 @@ class FSQ(Quantizer):
     trains, and every frame then rounds to the same code, where the vanishing tanh
     gradient keeps it (one code of 6561 on the mini corpus, measured both without
     standardisation and with a one-off standardisation at the first batch).
+
+    With `whiten`, the projection is decorrelated too (Cholesky whitening of the batch
+    covariance; a running estimate of its whitening matrix in eval). Standardised digits
+    can each be used uniformly and still be correlated, so that their combinations cluster
+    in a small part of the codebook (22% of 6561 codes used on the mini corpus's dev set).
     """
 
-    def __init__(self, dim: int, levels: list[int]):
+    def __init__(self, dim: int, levels: list[int], whiten: bool = False):
         super().__init__()
         if not levels or min(levels) < 2:
             raise CosyError(f"config key 'model.quantizer.levels' needs values >= 2, got {levels}")
@@ -107,12 +114,18 @@ class FSQ(Quantizer):
         self.register_buffer("running_mean", torch.zeros(len(levels)))
         self.register_buffer("running_var", torch.ones(len(levels)))
         self.momentum = 0.1
+        self.whiten = whiten
+        if whiten:
+            self.register_buffer("running_cov", torch.eye(len(levels)))
+            self.register_buffer("whitening", torch.eye(len(levels)))
 
     def _project(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """(batch, time, dim) -> standardised (batch, time, levels) in float32; padded frames
         (mask False) neither enter the statistics nor get more than zeros."""
         z = self.down(x).float()
-        if self.training:
+        if self.whiten:
+            out = self._whiten(z, mask)
+        elif self.training:
             flat = z.reshape(-1, z.shape[-1])
             if mask is not None:
                 flat = flat[mask.reshape(-1)]
@@ -120,10 +133,30 @@ class FSQ(Quantizer):
             with torch.no_grad():
                 self.running_mean.lerp_(mean, self.momentum)
                 self.running_var.lerp_(flat.var(0), self.momentum)
+            out = (z - mean) / torch.sqrt(var + 1e-5)
         else:
-            mean, var = self.running_mean, self.running_var
-        out = (z - mean) / torch.sqrt(var + 1e-5)
+            out = (z - self.running_mean) / torch.sqrt(self.running_var + 1e-5)
         return out if mask is None else out * mask.unsqueeze(-1)
+
+    def _whiten(self, z: Tensor, mask: Tensor | None) -> Tensor:
+        """(batch, time, d) float32 -> decorrelated, unit-variance (batch, time, d)."""
+        eye = torch.eye(z.shape[-1], device=z.device)
+        with torch.autocast(z.device.type, enabled=False):
+            if not self.training:
+                return (z - self.running_mean) @ self.whitening.T
+            flat = z.reshape(-1, z.shape[-1])
+            if mask is not None:
+                flat = flat[mask.reshape(-1)]
+            mean = flat.mean(0)
+            cov = (flat - mean).T @ (flat - mean) / max(len(flat), 1) + 1e-5 * eye
+            # cov = L L^T, so L^-1 (z - mean) has identity covariance
+            whitening = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), eye, upper=False)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_cov.lerp_(cov, self.momentum)
+                self.whitening.copy_(torch.linalg.solve_triangular(
+                    torch.linalg.cholesky(self.running_cov), eye, upper=False))
+            return (z - mean) @ whitening.T
 
     def _round(self, z: Tensor) -> Tensor:
         """(..., d) -> integer-valued (..., d) in [-(L//2), (L-1)//2], straight-through."""
@@ -256,7 +289,7 @@ def build_quantizer(cfg: QuantizerConfig, dim: int) -> Quantizer:
     if cfg.kind == "vq":
         return VQ(dim, cfg)
     if cfg.kind == "fsq":
-        return FSQ(dim, list(cfg.levels))
+        return FSQ(dim, list(cfg.levels), cfg.whiten)
     return NoQuantizer()
 
 
