@@ -123,40 +123,39 @@ class FSQ(Quantizer):
         """(batch, time, dim) -> standardised (batch, time, levels) in float32; padded frames
         (mask False) neither enter the statistics nor get more than zeros."""
         z = self.down(x).float()
-        if self.whiten:
-            out = self._whiten(z, mask)
-        elif self.training:
-            flat = z.reshape(-1, z.shape[-1])
-            if mask is not None:
-                flat = flat[mask.reshape(-1)]
-            mean, var = flat.mean(0), flat.var(0, unbiased=False)
-            with torch.no_grad():
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(flat.var(0), self.momentum)
-            out = (z - mean) / torch.sqrt(var + 1e-5)
-        else:
-            out = (z - self.running_mean) / torch.sqrt(self.running_var + 1e-5)
+        with torch.autocast(z.device.type, enabled=False):
+            if self.training:
+                flat = z.reshape(-1, z.shape[-1])
+                if mask is not None:
+                    flat = flat[mask.reshape(-1)]
+                out = self._whiten_batch(z, flat) if self.whiten else self._standardise_batch(z, flat)
+            elif self.whiten:
+                out = (z - self.running_mean) @ self.whitening.T
+            else:
+                out = (z - self.running_mean) / torch.sqrt(self.running_var + 1e-5)
         return out if mask is None else out * mask.unsqueeze(-1)
 
-    def _whiten(self, z: Tensor, mask: Tensor | None) -> Tensor:
-        """(batch, time, d) float32 -> decorrelated, unit-variance (batch, time, d)."""
+    def _standardise_batch(self, z: Tensor, flat: Tensor) -> Tensor:
+        """z standardised by the statistics of `flat` (its real frames, (n, d))."""
+        mean, var = flat.mean(0), flat.var(0, unbiased=False)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(flat.var(0), self.momentum)
+        return (z - mean) / torch.sqrt(var + 1e-5)
+
+    def _whiten_batch(self, z: Tensor, flat: Tensor) -> Tensor:
+        """z whitened by the covariance of `flat` (its real frames, (n, d))."""
         eye = torch.eye(z.shape[-1], device=z.device)
-        with torch.autocast(z.device.type, enabled=False):
-            if not self.training:
-                return (z - self.running_mean) @ self.whitening.T
-            flat = z.reshape(-1, z.shape[-1])
-            if mask is not None:
-                flat = flat[mask.reshape(-1)]
-            mean = flat.mean(0)
-            cov = (flat - mean).T @ (flat - mean) / max(len(flat), 1) + 1e-5 * eye
-            # cov = L L^T, so L^-1 (z - mean) has identity covariance
-            whitening = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), eye, upper=False)
-            with torch.no_grad():
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_cov.lerp_(cov, self.momentum)
-                self.whitening.copy_(torch.linalg.solve_triangular(
-                    torch.linalg.cholesky(self.running_cov), eye, upper=False))
-            return (z - mean) @ whitening.T
+        mean = flat.mean(0)
+        cov = (flat - mean).T @ (flat - mean) / max(len(flat), 1) + 1e-5 * eye
+        # cov = L L^T, so L^-1 (z - mean) has identity covariance
+        whitening = torch.linalg.solve_triangular(torch.linalg.cholesky(cov), eye, upper=False)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_cov.lerp_(cov, self.momentum)
+            self.whitening.copy_(torch.linalg.solve_triangular(torch.linalg.cholesky(self.running_cov), eye,
+                                                               upper=False))
+        return (z - mean) @ whitening.T
 
     def _round(self, z: Tensor) -> Tensor:
         """(..., d) -> integer-valued (..., d) in [-(L//2), (L-1)//2], straight-through."""
