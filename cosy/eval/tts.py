@@ -60,6 +60,8 @@ def score_system(utts: list[str], get_audio: Callable[[str], tuple[np.ndarray, i
                  prompts: dict[str, str], asr, embedders: dict[str, Embedder],
                  reference: dict[str, dict[str, np.ndarray]], mos: bool) -> dict:
     texts, vectors, quality = [], {name: {} for name in embedders}, []
+    # the vector of an output that resembles no one (missing, or no speech found in it)
+    nobody = {name: np.zeros_like(next(iter(reference[name].values()))) for name in embedders}
     for utt in tqdm(utts, desc="scoring", unit="utt", disable=None):
         try:
             samples, rate = get_audio(utt)
@@ -67,12 +69,12 @@ def score_system(utts: list[str], get_audio: Callable[[str], tuple[np.ndarray, i
             log.warning("utterance %s: %s; scored as an empty output", utt, err)
             texts.append("")
             for name in embedders:
-                vectors[name][utt] = np.zeros_like(next(iter(reference[name].values())))
+                vectors[name][utt] = nobody[name]
             continue
         texts.append(asr.transcribe(samples, rate))
         for name, embed in embedders.items():
             vector = embed_or_none(embed, samples, rate, utt)
-            vectors[name][utt] = np.zeros_like(next(iter(reference[name].values()))) if vector is None else vector
+            vectors[name][utt] = nobody[name] if vector is None else vector
         if mos:
             quality.append(dnsmos(samples, rate)["ovrl"])
     out = {"wer": word_error_rate([data.text[u] for u in utts], texts), "hypotheses": dict(zip(utts, texts))}
