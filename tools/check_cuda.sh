@@ -10,9 +10,10 @@
 #   tools/check_cuda.sh OUT [CORPUS]
 #
 # OUT: a new folder for the logs and the recipe's experiment. CORPUS: a tiny corpus made by
-# `cosy data corpus --size tiny` elsewhere (default: build one here, which needs espeak-ng).
+# `cosy data corpus --size tiny` elsewhere, copied to OUT/corpus and left as it is (default:
+# build one there, which needs espeak-ng).
 set -uo pipefail
-[ $# -ge 1 ] || { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 1; }
+[ $# -ge 1 ] || { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 1; }
 out=$1
 corpus=${2:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -68,10 +69,19 @@ if [ -d "$root/cosy/assets/default" ]; then
     --json "$out/bench_default_cpu.json"
 fi
 
-if [ -z "$corpus" ]; then
-  corpus=$out/corpus
-  check corpus 600 cosy data corpus --size tiny --out "$corpus" --seed 0
+# the recipe writes embeddings and speech tokens into its data dirs: work on a fresh copy, so
+# that a given corpus is not changed and no tokens of an earlier run can enter the comparison
+if [ -n "$corpus" ] && [ "$(cd "$corpus" && pwd)" = "$out/corpus" ]; then
+  echo "$0: CORPUS $corpus is OUT/corpus, the copy this script makes; keep it elsewhere" >&2
+  exit 1
 fi
+rm -rf "$out/corpus"
+if [ -n "$corpus" ]; then
+  cp -r "$corpus" "$out/corpus"
+else
+  check corpus 600 cosy data corpus --size tiny --out "$out/corpus" --seed 0
+fi
+corpus=$out/corpus
 check recipe_tiny_gpu 900 bash "$root/recipes/mini/run.sh" --size tiny --dir "$out/mini" --data "$corpus" \
   --ngpu 1 --stage 1 --stop_stage 8
 if [ -f "$corpus/test/utt2speech_token.safetensors" ]; then
