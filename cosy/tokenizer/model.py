@@ -42,8 +42,7 @@ class TokenizerConfig:
     encoder1.input_layer sets the token rate: conv2d2 / conv1d2 -> 50 tokens/s, conv2d4 /
     conv1d4 -> 25.
     text_tokenizer: a saved cosy.text.bpe tokenizer; vocab_size must match it.
-    Loss = ctc_weight * CTC + att_weight * attention CE + the quantiser's terms (VQ commitment,
-    FSQ entropy).
+    Loss = ctc_weight * CTC + att_weight * attention CE + the quantiser's commitment term.
     whisper_path: a local Hugging Face Whisper model dir; when set, Encoder1 is its conv
     front and first `whisper_layers` layers (50 tokens/s) and `encoder1` is not used. The
     dir is read again whenever the model is built, also to load a trained checkpoint.

@@ -34,9 +34,6 @@ class QuantizerConfig:
     `dead_after` training updates is replaced by a random vector of the current batch.
     fsq: `levels` per dimension; the number of codes is their product. `whiten`: decorrelate
     the projected dimensions (batch whitening) instead of only standardising each one.
-    `entropy_weight` > 0 adds a code-usage loss on soft code assignments of
-    `entropy_temperature`: each frame's code should be certain, and the batch's codes should
-    be ones that are rare in a running estimate (EMA `entropy_decay`) of the code distribution.
     """
 
     kind: Literal["vq", "fsq", "none"] = "fsq"
@@ -48,9 +45,6 @@ class QuantizerConfig:
     dead_after: int = 50
     levels: list[int] = field(default_factory=lambda: [3] * 8)
     whiten: bool = False
-    entropy_weight: float = 0.0
-    entropy_temperature: float = 0.25
-    entropy_decay: float = 0.99
 
 
 class Quantizer(nn.Module):
@@ -103,20 +97,9 @@ class FSQ(Quantizer):
     covariance; a running estimate of its whitening matrix in eval). Standardised digits
     can each be used uniformly and still be correlated, so that their combinations cluster
     in a small part of the codebook (22% of 6561 codes used on the mini corpus's dev set).
-
-    Whitening removes linear dependence only. The entropy loss acts on the joint code: each
-    frame's soft assignment p(code | frame) is the product of its digits' softmaxes over
-    -(distance to each level)^2 / temperature. The loss is the mean entropy of those plus
-    sum_c q_batch(c) log q_run(c), in units of log(codebook size), where q_batch is their
-    batch average and q_run a running average of q_batch over steps (and ranks). Its gradient
-    is that of the entropy of q_run up to a constant factor. MAGVIT-v2's entropy penalty uses
-    the batch's own entropy instead; that cannot ask for more codes than a batch has frames
-    (about 1000 in the mini recipe, against 6561 codes). The cost is O(frames x codebook size)
-    per step.
     """
 
-    def __init__(self, dim: int, levels: list[int], whiten: bool = False, entropy_weight: float = 0.0,
-                 entropy_temperature: float = 0.25, entropy_decay: float = 0.99):
+    def __init__(self, dim: int, levels: list[int], whiten: bool = False):
         super().__init__()
         if not levels or min(levels) < 2:
             raise CosyError(f"config key 'model.quantizer.levels' needs values >= 2, got {levels}")
@@ -135,11 +118,6 @@ class FSQ(Quantizer):
         if whiten:
             self.register_buffer("running_cov", torch.eye(len(levels)))
             self.register_buffer("whitening", torch.eye(len(levels)))
-        self.entropy_weight = entropy_weight
-        self.entropy_temperature = entropy_temperature
-        self.entropy_decay = entropy_decay
-        if entropy_weight > 0:
-            self.register_buffer("code_probs", torch.full((self.codebook_size,), 1.0 / self.codebook_size))
 
     def _project(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """(batch, time, dim) -> standardised (batch, time, levels) in float32; padded frames
@@ -179,8 +157,8 @@ class FSQ(Quantizer):
                                                                upper=False))
         return (z - mean) @ whitening.T
 
-    def _bound(self, z: Tensor) -> Tensor:
-        """(..., d) -> real values (..., d) within [-(L//2), (L-1)//2] per digit."""
+    def _round(self, z: Tensor) -> Tensor:
+        """(..., d) -> integer-valued (..., d) in [-(L//2), (L-1)//2], straight-through."""
         levels = self.levels.to(z.dtype)
         # shrink slightly so tanh never reaches the half-integer where rounding flips
         half = (levels - 1) * (1 - 1e-3) / 2
@@ -188,38 +166,8 @@ class FSQ(Quantizer):
         # tan shift; any shift that keeps all levels reachable would do)
         offset = torch.where(self.levels % 2 == 0, 0.5, 0.0).to(z.dtype)
         shift = torch.tan(offset / half)
-        return torch.tanh(z + shift) * half - offset
-
-    @staticmethod
-    def _straight_through_round(bounded: Tensor) -> Tensor:
+        bounded = torch.tanh(z + shift) * half - offset
         return bounded + (torch.round(bounded) - bounded).detach()
-
-    def _entropy_loss(self, bounded: Tensor, mask: Tensor | None) -> Tensor:
-        """bounded: (batch, time, d) -> mean per-frame code entropy minus the batch's cross-entropy
-        under the running code distribution, / log(codes); updates that running distribution."""
-        flat = bounded.reshape(-1, bounded.shape[-1])
-        if mask is not None:
-            flat = flat[mask.reshape(-1)]
-        frame_entropy = flat.new_zeros(())
-        joint = flat.new_ones(flat.shape[0], 1)
-        for j, n_levels in enumerate(self.levels.tolist()):
-            centres = torch.arange(n_levels, device=flat.device, dtype=flat.dtype) - n_levels // 2
-            logp = torch.log_softmax(-(flat[:, j:j + 1] - centres) ** 2 / self.entropy_temperature, dim=-1)
-            p = logp.exp()
-            # a product distribution's entropy is the sum of its factors' entropies
-            frame_entropy = frame_entropy - (p * logp).sum(-1).mean()
-            # digit j is the more significant, as in _digits_to_index
-            joint = (p.unsqueeze(-1) * joint.unsqueeze(1)).reshape(flat.shape[0], -1)
-        batch_probs = joint.mean(0)
-        # q_run from before this batch: rare codes (low log q_run) attract the batch's frames
-        cross = (batch_probs * torch.log(self.code_probs.clamp(min=1e-12))).sum()
-        with torch.no_grad():
-            observed = batch_probs.detach().clone()
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(observed)
-                observed /= dist.get_world_size()
-            self.code_probs.lerp_(observed, 1 - self.entropy_decay)
-        return (frame_entropy + cross) / math.log(self.codebook_size)
 
     def _digits_to_index(self, h: Tensor) -> Tensor:
         """Integer-valued codes (..., d) -> index (...,)."""
@@ -237,15 +185,11 @@ class FSQ(Quantizer):
 
     def forward(self, x, mask=None):
         # float32 even under autocast: bf16 cannot place tanh values near a rounding edge
-        bounded = self._bound(self._project(x, mask))
-        h = self._straight_through_round(bounded)
-        losses = {}
-        if self.training and self.entropy_weight > 0:
-            losses["entropy"] = self.entropy_weight * self._entropy_loss(bounded, mask)
-        return self.up(self._scale(h)), self._digits_to_index(h.detach()), losses
+        h = self._round(self._project(x, mask))
+        return self.up(self._scale(h)), self._digits_to_index(h.detach()), {}
 
     def encode(self, x):
-        return self._digits_to_index(self._bound(self._project(x)))
+        return self._digits_to_index(self._round(self._project(x)))
 
     def decode(self, indices):
         return self.up(self._scale(self._index_to_digits(indices)))
@@ -341,13 +285,10 @@ class VQ(Quantizer):
 
 def build_quantizer(cfg: QuantizerConfig, dim: int) -> Quantizer:
     """The quantiser of `cfg.kind` for `dim`-wide encoder outputs."""
-    if cfg.kind != "fsq" and (cfg.whiten or cfg.entropy_weight):
-        raise CosyError(f"config keys 'model.quantizer.whiten' and 'model.quantizer.entropy_weight' apply to "
-                        f"kind 'fsq' only, not '{cfg.kind}'")
     if cfg.kind == "vq":
         return VQ(dim, cfg)
     if cfg.kind == "fsq":
-        return FSQ(dim, list(cfg.levels), cfg.whiten, cfg.entropy_weight, cfg.entropy_temperature, cfg.entropy_decay)
+        return FSQ(dim, list(cfg.levels), cfg.whiten)
     return NoQuantizer()
 
 
