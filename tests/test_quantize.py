@@ -181,6 +181,12 @@ def test_vq_l2_normalised_codes_have_unit_norm_and_projection():
     assert vq.decode(codes).shape == (2, 9, 12)
 
 
+def test_whitening_is_refused_for_other_kinds():
+    for kind in ("vq", "none"):
+        with pytest.raises(CosyError, match="whiten"):
+            build_quantizer(QuantizerConfig(kind=kind, whiten=True), dim=8)
+
+
 def test_none_quantizer_is_identity_and_refuses_to_encode():
     q = build_quantizer(QuantizerConfig(kind="none"), dim=4)
     x = torch.randn(1, 3, 4)

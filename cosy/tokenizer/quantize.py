@@ -285,6 +285,8 @@ class VQ(Quantizer):
 
 def build_quantizer(cfg: QuantizerConfig, dim: int) -> Quantizer:
     """The quantiser of `cfg.kind` for `dim`-wide encoder outputs."""
+    if cfg.kind != "fsq" and cfg.whiten:
+        raise CosyError(f"config key 'model.quantizer.whiten' applies to kind 'fsq' only, not '{cfg.kind}'")
     if cfg.kind == "vq":
         return VQ(dim, cfg)
     if cfg.kind == "fsq":
