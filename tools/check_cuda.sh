@@ -71,7 +71,12 @@ fi
 
 # the recipe writes embeddings and speech tokens into its data dirs: work on a fresh copy, so
 # that a given corpus is not changed and no tokens of an earlier run can enter the comparison
-if [ -n "$corpus" ] && [ "$(cd "$corpus" && pwd)" = "$out/corpus" ]; then
+if [ -n "$corpus" ] && [ ! -d "$corpus" ]; then
+  echo "$0: CORPUS $corpus is not a directory" >&2
+  exit 1
+fi
+# physical paths, so that a link to OUT/corpus is caught too
+if [ -n "$corpus" ] && [ "$(cd "$corpus" && pwd -P)" = "$(mkdir -p "$out/corpus" && cd "$out/corpus" && pwd -P)" ]; then
   echo "$0: CORPUS $corpus is OUT/corpus, the copy this script makes; keep it elsewhere" >&2
   exit 1
 fi
