@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import random
@@ -47,16 +48,20 @@ def tiny_hift(mel: MelConfig = MEL_V1) -> GeneratorConfig:
 
 
 def make_generator(kind: str, mel: MelConfig) -> Generator:
+    """`kind`: hifigan or hift, with "-nearest" for nearest-neighbour upsampling."""
     torch.manual_seed(0)
-    gen = Generator(tiny_hift(mel) if kind == "hift" else tiny_hifigan(mel), mel).eval()
+    cfg = tiny_hift(mel) if kind.startswith("hift") else tiny_hifigan(mel)
+    if kind.endswith("-nearest"):
+        cfg = dataclasses.replace(cfg, upsample="nearest")
+    gen = Generator(cfg, mel).eval()
     if gen.f0_predictor is not None:  # random weights give ~0 Hz: move f0 into a voiced range
         with torch.no_grad():
             gen.f0_predictor.proj.bias.fill_(150.0)
     return gen
 
 
-CASES = [("hifigan", MEL_V1), ("hifigan", MEL_V2), ("hift", MEL_V1), ("hift", MEL_V2)]
-IDS = ["hifigan-22k", "hifigan-24k", "hift-22k", "hift-24k"]
+CASES = [("hifigan", MEL_V1), ("hifigan", MEL_V2), ("hift", MEL_V1), ("hift", MEL_V2), ("hift-nearest", MEL_V1)]
+IDS = ["hifigan-22k", "hifigan-24k", "hift-22k", "hift-24k", "hift-nearest-22k"]
 
 
 @pytest.mark.parametrize("kind,mel", CASES, ids=IDS)
@@ -75,7 +80,7 @@ def test_batched_equals_one_by_one(kind, mel):
         assert float(batched[i, n * mel.hop_length:].abs().sum()) == 0.0
 
 
-@pytest.mark.parametrize("kind,mel", [CASES[0], CASES[2], CASES[3]], ids=[IDS[0], IDS[2], IDS[3]])
+@pytest.mark.parametrize("kind,mel", [CASES[0], CASES[2], CASES[3], CASES[4]], ids=[IDS[0], IDS[2], IDS[3], IDS[4]])
 @torch.no_grad()
 def test_streaming_equals_offline_without_clicks(kind, mel):
     gen = make_generator(kind, mel)
@@ -102,6 +107,20 @@ def test_streaming_equals_offline_without_clicks(kind, mel):
             step = (streamed[:, join] - streamed[:, join - 1]).abs()
             local = offline[:, join - hop:join + hop].diff(dim=-1).abs().amax(dim=-1)
             assert bool((step <= local + 1e-4).all())
+
+
+@pytest.mark.parametrize("upsample", ["transposed", "nearest"])
+@torch.no_grad()
+def test_nearest_upsampling_paints_no_pattern_that_repeats_every_frame(upsample):
+    """A constant mel through randomly initialised weights: transposed convs give a waveform
+    that repeats every hop (a buzz at frame rate), nearest-neighbour upsampling a constant."""
+    kind = "hifigan" if upsample == "transposed" else "hifigan-nearest"
+    gen = make_generator(kind, MEL_V1)
+    mel = torch.randn(1, MEL_V1.n_mels, 1).repeat(1, 1, 40)
+    wave, _ = gen(mel)
+    middle = wave[0, 10 * MEL_V1.hop_length:30 * MEL_V1.hop_length]
+    spread = float(middle.std() / middle.abs().mean())
+    assert spread < 1e-4 if upsample == "nearest" else spread > 1e-2
 
 
 @torch.no_grad()
@@ -225,6 +244,30 @@ def test_warmup_turn_has_only_reconstruction_losses_and_skips_the_discriminator(
     assert calls and {"adversarial", "feature"} <= set(full)
 
 
+@pytest.mark.parametrize("source_f0", ["predicted", "target"])
+def test_source_f0_drives_the_training_source_only_when_target(source_f0):
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(tiny_model_config("hift"), source_f0=source_f0)
+    model = VocoderModel(cfg).train()
+    batch = tone_batch(cfg, 2)
+    shifted = {**batch, "f0": batch["f0"] * 1.5}
+
+    def audio(b):
+        torch.manual_seed(1)   # the same source noise and phases for both calls
+        return model._generate(b)[0]
+
+    moved = (audio(batch) - audio(shifted)).abs().max()
+    assert moved > 1e-4 if source_f0 == "target" else moved == 0
+    assert "f0" in model(batch, turn="warmup")   # the predictor is trained either way
+    model.eval()
+    assert (audio(batch) - audio(shifted)).abs().max() == 0   # inference follows the predictor
+
+
+def test_source_f0_must_be_known():
+    with pytest.raises(CosyError, match="model.source_f0"):
+        VocoderModel(dataclasses.replace(tiny_model_config("hift"), source_f0="true"))
+
+
 def _wav_bytes(samples: np.ndarray, rate: int) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, samples, rate, format="WAV")
@@ -288,7 +331,7 @@ def test_recipe_configs_build(path):
         assert sum(p.numel() for p in model.generator.parameters()) == 20460591
 
 
-@pytest.mark.parametrize("kind,mel", [CASES[0], CASES[3]], ids=[IDS[0], IDS[3]])
+@pytest.mark.parametrize("kind,mel", [CASES[0], CASES[3], CASES[4]], ids=[IDS[0], IDS[3], IDS[4]])
 @torch.no_grad()
 def test_onnx_export_matches_torch(kind, mel, tmp_path):
     from cosy.vocoder.export import OnnxVocoder, export_onnx

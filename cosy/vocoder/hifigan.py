@@ -1,7 +1,7 @@
 """HiFi-GAN generators: the classic waveform generator (V1, a small V3-like one) and HiFT.
 
 Both are one `Generator`: a mel `(batch, n_mels, frames)` goes through a k7 conv, then
-stages of [LeakyReLU, transposed conv, parallel residual blocks averaged], then a k7 conv.
+stages of [LeakyReLU, upsampling (transposed conv by default), parallel residual blocks averaged], then a k7 conv.
 Classic HiFi-GAN ends in tanh; HiFT (CosyVoice's vocoder) uses Snake activations, adds a
 neural-source-filter excitation at every stage, and outputs a log-magnitude / phase
 spectrum that an inverse STFT turns into samples.
@@ -32,6 +32,13 @@ class GeneratorConfig:
     resblock_kernels: list[int] = field(default_factory=lambda: [3, 7, 11])
     resblock_dilations: list[list[int]] = field(default_factory=lambda: [[1, 3, 5], [1, 3, 5], [1, 3, 5]])
     activation: Literal["leaky_relu", "snake"] = "leaky_relu"
+    # "transposed": transposed convs, as in HiFi-GAN and HiFT (and their released weights).
+    # "nearest": repeat each step `rate` times, then a conv one tap longer than the kernel
+    # (Odena et al. 2016). A transposed conv's taps differ by output phase, so the first
+    # stage paints a pattern that repeats every mel frame: a buzz at frame rate (86 Hz at
+    # 22050 / 256) that discriminators train away but a short mel-loss-only training does
+    # not, and that overrides every voice's pitch (recipes/mini/RESULTS.md).
+    upsample: Literal["transposed", "nearest"] = "transposed"
     # istft_n_fft > 0 makes the last conv output an STFT of that size (HiFT); 0 a waveform
     istft_n_fft: int = 0
     istft_hop: int = 4
@@ -96,15 +103,46 @@ class ResBlock(nn.Module):
         return sum(unit.reach() for unit in self.units)
 
 
+class NearestUpsample(nn.Module):
+    """`(batch, c_in, t)` -> `(batch, c_out, t * rate)`: nearest-neighbour repeat, then a
+    'same' conv of `kernel + 1` taps (odd, so it is centred)."""
+
+    def __init__(self, c_in: int, c_out: int, rate: int, kernel: int):
+        super().__init__()
+        self.rate = rate
+        self.conv = weight_norm(nn.Conv1d(c_in, c_out, kernel + 1, padding=kernel // 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=self.rate, mode="nearest"))
+
+    def reach(self) -> float:
+        """Input steps on each side that can influence an output sample."""
+        return 1 + (self.conv.kernel_size[0] // 2) / self.rate
+
+
+def _upsampler(c_in: int, c_out: int, rate: int, kernel: int, kind: str) -> nn.Module:
+    if kind == "nearest":
+        return NearestUpsample(c_in, c_out, rate, kernel)
+    return weight_norm(nn.ConvTranspose1d(c_in, c_out, kernel, rate, padding=(kernel - rate) // 2))
+
+
+def _upsampler_reach(upsample: nn.Module) -> float:
+    """Input steps on each side that can influence an output sample of either upsampler."""
+    if isinstance(upsample, NearestUpsample):
+        return upsample.reach()
+    return upsample.kernel_size[0] / (2 * upsample.stride[0])
+
+
 class UpsampleStage(nn.Module):
-    """LeakyReLU, transposed conv by `rate`, plus the source branch (HiFT), then the mean of
+    """LeakyReLU, upsampling by `rate`, plus the source branch (HiFT), then the mean of
     the parallel ResBlocks. `(batch, c_in, t)` -> `(batch, c_out, t * rate [+ 1 if pad_left])`."""
 
     def __init__(self, c_in: int, c_out: int, rate: int, kernel: int, cfg: GeneratorConfig,
                  source_stride: int | None, source_kernel: int, source_dilations: list[int], pad_left: bool):
         super().__init__()
         self.pad_left = pad_left
-        self.upsample = weight_norm(nn.ConvTranspose1d(c_in, c_out, kernel, rate, padding=(kernel - rate) // 2))
+        self.rate = rate
+        self.upsample = _upsampler(c_in, c_out, rate, kernel, cfg.upsample)
         self.source_down = self.source_block = None
         if source_stride is not None:
             # the source spectrum runs at the final STFT rate: stride down to this stage's rate
@@ -211,7 +249,7 @@ class Generator(nn.Module):
             return [None] * (len(self.stages) + 1)
         masks, scale = [time_mask(lengths, frames)], 1
         for stage in self.stages:
-            scale *= stage.upsample.stride[0]
+            scale *= stage.rate
             extra = 1 if stage.pad_left else 0
             masks.append(time_mask(lengths * scale + extra, frames * scale + extra))
         return masks
@@ -220,8 +258,8 @@ class Generator(nn.Module):
         """Mel frames on each side that can influence a sample (an upper bound, rounded up)."""
         reach, scale = 3.0, 1          # conv_pre
         for stage in self.stages:
-            reach += stage.upsample.kernel_size[0] / (2 * stage.upsample.stride[0]) / scale
-            scale *= stage.upsample.stride[0]
+            reach += _upsampler_reach(stage.upsample) / scale
+            scale *= stage.rate
             block_reach = max(block.reach() for block in stage.blocks)
             if stage.source_block is not None:
                 block_reach += stage.source_block.reach() + stage.source_down.kernel_size[0]

@@ -54,6 +54,12 @@ class VocoderConfig:
     segment_frames: int = 32          # training segment length in mel frames
     f0_min: float = 60.0              # search range of the f0 targets (HiFT)
     f0_max: float = 600.0
+    # f0 that drives HiFT's sine source in training: "predicted" (CosyVoice's HiFT) or
+    # "target", the f0 of the training audio, as in NSF vocoders. With "predicted", a small
+    # generator trained briefly learns to zero the source, whose pitch is wrong early on,
+    # and then makes pitch from the mel alone, pulling unseen voices towards the training
+    # voices' pitch (recipes/mini/RESULTS.md). Validation and inference use the predictor.
+    source_f0: str = "predicted"
 
 
 class VocoderModel(nn.Module):
@@ -61,6 +67,8 @@ class VocoderModel(nn.Module):
         super().__init__()
         if cfg.segment_frames < 1:
             raise CosyError("model.segment_frames must be at least 1")
+        if cfg.source_f0 not in ("predicted", "target"):
+            raise CosyError(f"model.source_f0 must be 'predicted' or 'target', got '{cfg.source_f0}'")
         self.cfg = cfg
         self.generator = Generator(cfg.generator, cfg.mel)
         self.discriminator = Discriminator(cfg.discriminator)
@@ -78,9 +86,15 @@ class VocoderModel(nn.Module):
         if self._cache is not None and self._cache[0] is batch["mel"] and self.training:
             _, fake, f0 = self._cache
         else:
-            fake, f0 = self.generator(batch["mel"])
+            fake, f0 = self._synthesise(batch)
         self._cache = None
         return fake, f0
+
+    def _synthesise(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        gen = self.generator
+        if not (self.training and self.cfg.source_f0 == "target" and gen.source is not None):
+            return gen(batch["mel"])
+        return gen.decode(batch["mel"], gen.make_source(batch["f0"])), gen.predict_f0(batch["mel"])
 
     def _discriminator_turn(self, batch: dict) -> dict[str, torch.Tensor]:
         fake, f0 = self._generate(batch)
