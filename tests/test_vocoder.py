@@ -463,6 +463,19 @@ def test_eval_vocoder_speaker_scores(tmp_path):
     assert kept["spk_id_pitch_vocoded"] == 1.0 and kept["sim_pitch"] > 0.99 and kept["log_mel_l1"] < 0.5
 
 
+def test_pitch_errors():
+    from cosy.vocoder.evaluate import pitch_errors
+
+    rate, hop = 22050, 256
+    t = np.arange(rate) / rate
+    tone = lambda f: (0.3 * np.sin(2 * np.pi * f * t)).astype(np.float32)
+    same = pitch_errors(tone(150), tone(150), rate, hop)
+    assert same["f0_gpe"] == 0.0 and same["f0_rmse_cents"] < 5
+    shifted = pitch_errors(tone(150), tone(225), rate, hop)   # a fifth up: 702 cents
+    assert shifted["f0_gpe"] == 1.0 and shifted["f0_rmse_cents"] == pytest.approx(702, abs=15)
+    assert pitch_errors(tone(150), np.zeros_like(t, dtype=np.float32), rate, hop) == {}
+
+
 def test_mel_cepstral_distortion():
     from cosy.vocoder.evaluate import mel_cepstral_distortion
 

@@ -6,6 +6,10 @@ Each utterance is analysed into the vocoder's mel, vocoded back, and compared:
   the orthonormal DCT-II of the log-mel frames (a mel-cepstrum from the vocoder's own
   filterbank, not an SPTK mel-generalised cepstrum), frames aligned one to one:
   10 / ln 10 * sqrt(2 * sum_d (c_d - c'_d)^2), averaged over frames;
+* pitch, from the f0 of both sides (cosy.vocoder.f0) on the frames voiced in both: gross
+  pitch error (share of those frames whose f0 is off by more than 20%) and f0 RMSE in
+  cents. A vocoder can match the mel well and still impose its own pitch (a buzz at the
+  frame rate does exactly that), which moves every voice towards one;
 * with `--asr`, the word error rate of the independent recogniser (cosy.eval.asr) on the
   vocoded audio against the data dir's `text`, next to its WER on the original audio;
 * with `--speaker`, whether the voice survives: resemblyzer similarity of each vocoded
@@ -34,11 +38,26 @@ from cosy.audio import MelConfig, load_audio, mel_spectrogram, save_audio
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
 from cosy.eval.speaker import embed_or_none, speaker_embedders, speaker_identification
+from cosy.vocoder.f0 import estimate_f0
 from cosy.vocoder.hifigan import Generator
 from cosy.vocoder.loading import load_generator
 
 log = logging.getLogger(__name__)
 CEPSTRA = 24
+
+
+def pitch_errors(original: np.ndarray, vocoded: np.ndarray, rate: int, hop: int) -> dict[str, float]:
+    """Gross pitch error and f0 RMSE (cents) of `vocoded` against `original` (same rate and
+    length), over the frames voiced in both; {} when there are none."""
+    frames = len(original) // hop
+    f0_a = estimate_f0(original, rate, hop, frames)
+    f0_b = estimate_f0(vocoded[:len(original)], rate, hop, frames)
+    both = (f0_a > 0) & (f0_b > 0)
+    if not both.any():
+        return {}
+    cents = 1200 * np.log2(f0_b[both] / f0_a[both])
+    return {"f0_gpe": float(np.mean(np.abs(f0_b[both] / f0_a[both] - 1) > 0.2)),
+            "f0_rmse_cents": float(np.sqrt(np.mean(cents ** 2)))}
 
 
 def mel_cepstral_distortion(log_mel_a: torch.Tensor, log_mel_b: torch.Tensor, order: int = CEPSTRA) -> float:
@@ -79,7 +98,8 @@ def copy_synthesis(generator: Generator | GriffinLim, wave: np.ndarray) -> tuple
     vocoded, _ = generator(mel)
     again = mel_spectrogram(vocoded, mel_cfg)
     scores = {"log_mel_l1": float((mel - again).abs().mean()),
-              "mcd_db": mel_cepstral_distortion(mel[0], again[0])}
+              "mcd_db": mel_cepstral_distortion(mel[0], again[0]),
+              **pitch_errors(wave, vocoded[0].numpy(), mel_cfg.sample_rate, mel_cfg.hop_length)}
     return vocoded[0].numpy(), scores
 
 
@@ -121,6 +141,10 @@ def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, 
     summary = {"utterances": len(per_utt), "skipped": skipped,
                "log_mel_l1": float(np.mean([s["log_mel_l1"] for s in per_utt.values()])),
                "mcd_db": float(np.mean([s["mcd_db"] for s in per_utt.values()]))}
+    for key in ("f0_gpe", "f0_rmse_cents"):
+        values = [s[key] for s in per_utt.values() if key in s]
+        if values:
+            summary[key] = float(np.mean(values))
     for name, (original, copied) in vectors.items():
         size = next((v.shape for v in [*original.values(), *copied.values()] if v is not None), (1,))
         original, copied = ({u: np.zeros(size, np.float32) if v is None else v for u, v in table.items()}
