@@ -1,7 +1,8 @@
 """HiFi-GAN generators: the classic waveform generator (V1, a small V3-like one) and HiFT.
 
 Both are one `Generator`: a mel `(batch, n_mels, frames)` goes through a k7 conv, then
-stages of [LeakyReLU, upsampling (transposed conv by default), parallel residual blocks averaged], then a k7 conv.
+stages of [LeakyReLU, upsampling (a transposed conv by default), parallel residual
+blocks averaged], then a k7 conv.
 Classic HiFi-GAN ends in tanh; HiFT (CosyVoice's vocoder) uses Snake activations, adds a
 neural-source-filter excitation at every stage, and outputs a log-magnitude / phase
 spectrum that an inverse STFT turns into samples.
