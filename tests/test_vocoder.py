@@ -321,7 +321,8 @@ def test_config_errors_name_the_key():
         Generator(GeneratorConfig(), MelConfig(center=True))
 
 
-@pytest.mark.parametrize("path", ["recipes/mini/conf/vocoder_tiny.yaml", "recipes/libritts/conf/hift_v1.yaml"])
+@pytest.mark.parametrize("path", ["recipes/mini/conf/vocoder_tiny.yaml", "recipes/mini/conf/vocoder_default.yaml",
+                                  "recipes/libritts/conf/hift_v1.yaml"])
 def test_recipe_configs_build(path):
     data = config.load_yaml(ROOT / path)
     assert data["task"] == "vocoder"
