@@ -57,8 +57,8 @@ class VocoderConfig:
     # f0 that drives HiFT's sine source in training: "predicted" (CosyVoice's HiFT) or
     # "target", the f0 of the training audio, as in NSF vocoders. With "predicted", a small
     # generator trained briefly learns to zero the source, whose pitch is wrong early on,
-    # and then makes pitch from the mel alone, pulling unseen voices towards the training
-    # voices' pitch (recipes/mini/RESULTS.md). Validation and inference use the predictor.
+    # and then no longer follows any f0 (recipes/mini/RESULTS.md, "A buzz at the frame
+    # rate"). Validation and inference use the predictor either way.
     source_f0: str = "predicted"
 
 
