@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ class VocoderConfig:
     # generator trained briefly learns to zero the source, whose pitch is wrong early on,
     # and then no longer follows any f0 (recipes/mini/RESULTS.md, "A buzz at the frame
     # rate"). Validation and inference use the predictor either way.
-    source_f0: str = "predicted"
+    source_f0: Literal["predicted", "target"] = "predicted"
 
 
 class VocoderModel(nn.Module):
@@ -67,8 +68,6 @@ class VocoderModel(nn.Module):
         super().__init__()
         if cfg.segment_frames < 1:
             raise CosyError("model.segment_frames must be at least 1")
-        if cfg.source_f0 not in ("predicted", "target"):
-            raise CosyError(f"model.source_f0 must be 'predicted' or 'target', got '{cfg.source_f0}'")
         self.cfg = cfg
         self.generator = Generator(cfg.generator, cfg.mel)
         self.discriminator = Discriminator(cfg.discriminator)
