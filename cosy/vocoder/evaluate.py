@@ -55,9 +55,9 @@ def pitch_errors(original: np.ndarray, vocoded: np.ndarray, rate: int, hop: int)
     both = (f0_a > 0) & (f0_b > 0)
     if not both.any():
         return {}
-    cents = 1200 * np.log2(f0_b[both] / f0_a[both])
-    return {"f0_gpe": float(np.mean(np.abs(f0_b[both] / f0_a[both] - 1) > 0.2)),
-            "f0_rmse_cents": float(np.sqrt(np.mean(cents ** 2)))}
+    ratio = f0_b[both] / f0_a[both]
+    return {"f0_gpe": float(np.mean(np.abs(ratio - 1) > 0.2)),
+            "f0_rmse_cents": float(np.sqrt(np.mean((1200 * np.log2(ratio)) ** 2)))}
 
 
 def mel_cepstral_distortion(log_mel_a: torch.Tensor, log_mel_b: torch.Tensor, order: int = CEPSTRA) -> float:
