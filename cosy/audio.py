@@ -140,6 +140,26 @@ def mel_frames(num_samples: int | torch.Tensor, cfg: MelConfig) -> int | torch.T
     return num_samples // cfg.hop_length + (1 if cfg.center else 0)
 
 
+def warp_mel(mel: torch.Tensor, factors: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
+    """Scale the frequency axis of log mels `(batch, n_mels, frames)` by `factors` `(batch,)`.
+
+    Bin k takes the value found at its centre frequency / factor (linear between bin
+    centres; beyond the first or last centre, that bin's value), so a factor above 1 raises
+    pitch and formants together, as a shorter vocal tract or sox `pitch` would.
+    """
+    n_mels = mel.shape[1]
+    centres = torch.from_numpy(librosa.mel_frequencies(n_mels=n_mels + 2, fmin=cfg.fmin, fmax=cfg.fmax)[1:-1])
+    centres = centres.to(device=mel.device, dtype=mel.dtype)
+    source = centres[None, :] / factors[:, None].to(mel.dtype)                 # (batch, n_mels) Hz
+    upper = torch.searchsorted(centres, source.contiguous()).clamp(1, n_mels - 1)
+    lower = upper - 1
+    frac = ((source - centres[lower]) / (centres[upper] - centres[lower])).clamp(0.0, 1.0)
+    frames = mel.shape[2]
+    below = mel.gather(1, lower[:, :, None].expand(-1, -1, frames))
+    above = mel.gather(1, upper[:, :, None].expand(-1, -1, frames))
+    return below + frac[:, :, None] * (above - below)
+
+
 def mel_spectrogram(wave: torch.Tensor, cfg: MelConfig, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Log magnitude mel of `wave` (batch, samples) -> (batch, n_mels, frames).
 

@@ -6,6 +6,7 @@ kaldi-native-fbank) on random signals, and against tests/fixtures/reference outp
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import kaldi_native_fbank as knf
@@ -17,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from cosy.audio import (FbankConfig, MelConfig, WhisperMelConfig, fbank_frames, kaldi_fbank, load_audio,
-                        mel_frames, mel_spectrogram, save_audio, whisper_frames, whisper_log_mel)
+                        mel_frames, mel_spectrogram, save_audio, warp_mel, whisper_frames, whisper_log_mel)
 from cosy.errors import CosyError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference" / "frontend.io.safetensors"
@@ -91,6 +92,36 @@ def test_mel_centred_frame_count() -> None:
     cfg = MelConfig(center=True)
     wave = torch.from_numpy(_speech_like(5000, cfg.sample_rate, seed=3))[None]
     assert mel_spectrogram(wave, cfg).shape[-1] == mel_frames(5000, cfg) == 5000 // 256 + 1
+
+
+def _harmonics(f0: float, seconds: float, rate: int, formant: float) -> np.ndarray:
+    """A voiced sound: harmonics of f0 under one resonance at `formant` Hz."""
+    t = np.arange(int(seconds * rate)) / rate
+    k = np.arange(1, int(rate / 2 / f0))
+    gains = 1.0 / (1.0 + ((k * f0 - formant) / 300.0) ** 2)
+    return (0.1 * (gains[:, None] * np.sin(2 * np.pi * f0 * k[:, None] * t[None])).sum(0)).astype(np.float32)
+
+
+def test_warp_mel_moves_pitch_and_formant_by_the_factor() -> None:
+    cfg = MelConfig.v1()
+    low, high = (mel_spectrogram(torch.from_numpy(_harmonics(f0, 0.5, cfg.sample_rate, formant))[None], cfg)
+                 for f0, formant in ((160.0, 800.0), (200.0, 1000.0)))
+    warped = warp_mel(torch.cat([low, low]), torch.tensor([1.25, 1.0]), cfg)
+    torch.testing.assert_close(warped[1], low[0])  # a factor of 1 changes nothing
+
+    def profile(mel: torch.Tensor) -> torch.Tensor:  # time-averaged spectrum, level removed
+        mean = mel[:, 2:-2].mean(dim=-1)
+        return mean - mean.mean()
+
+    def distance(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((profile(a) - profile(b)).abs().mean())
+
+    # the 160 Hz voice scaled by 1.25 lands on the 200 Hz voice, and scaled by 0.8 back again
+    assert distance(warped[0], high[0]) < 0.4 * distance(low[0], high[0])
+    restored = warp_mel(warped[:1], torch.tensor([0.8]), cfg)[0]
+    assert distance(restored, low[0]) < 0.4 * distance(warped[0], low[0])
+    padding = torch.full((1, cfg.n_mels, 3), math.log(1e-5))
+    torch.testing.assert_close(warp_mel(padding, torch.tensor([1.2]), cfg), padding)
 
 
 # ---------------------------------------------------------------- Whisper log-mel

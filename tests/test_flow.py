@@ -17,7 +17,7 @@ from cosy.audio import MelConfig
 from cosy.errors import CosyError
 from cosy.flow.cfm import CFMConfig, cfm_loss, euler
 from cosy.flow.estimator import EstimatorConfig, RecentKV
-from cosy.flow.model import FlowConfig, FlowModel
+from cosy.flow.model import FlowConfig, FlowModel, FrequencyWarpConfig
 from cosy.flow.onnx import export_estimator, load_model, onnx_max_diff
 from cosy.flow.task import TASK
 from cosy.modules.transformer import EncoderConfig
@@ -255,3 +255,36 @@ def test_task_rows_to_batch_to_loss():
     assert batch["speech_token_len"].tolist() == [12, 5]
     loss = TASK.build(cfg)(batch)["loss"]
     assert torch.isfinite(loss) and loss.item() > 0
+
+
+def test_frequency_warp_changes_training_items_and_gives_them_the_longest_prompt():
+    torch.manual_seed(0)
+    feat = torch.randn(3, 16, 20)
+    feat_len = torch.tensor([20, 15, 10])
+    plain = FlowModel(tiny()).train()
+    same, warped = plain._warp(feat)
+    assert same is feat and not warped.any()
+    model = FlowModel(tiny(warp=FrequencyWarpConfig(prob=1.0, max_factor=1.3)))
+    model.load_state_dict(plain.state_dict())
+    model.eval()
+    assert model._warp(feat)[0] is feat  # inference is never warped
+    model.train()
+    out, warped = model._warp(feat)
+    assert warped.all() and not torch.allclose(out, feat)
+    cond = model._random_prompt(out, feat_len, warped)
+    longest = (feat_len.float() * model.cfg.cfm.prompt_max).long()
+    for i, n in enumerate(longest.tolist()):
+        torch.testing.assert_close(cond[i, :, :n], out[i, :, :n])
+        assert bool((cond[i, :, n:] == 0).all())
+    # with prob 0 the training draws are those of a model without the option
+    batch = {"speech_token": torch.randint(0, 32, (2, 6)), "speech_token_len": torch.tensor([6, 4]),
+             "speech_feat": torch.randn(2, 16, 12), "speech_feat_len": torch.tensor([12, 8]),
+             "embedding": torch.randn(2, 8)}
+    off = FlowModel(tiny(warp=FrequencyWarpConfig(prob=0.0))).train()
+    off.load_state_dict(plain.state_dict())
+    plain.encoder.eval(), off.encoder.eval()  # no dropout draws in the comparison
+    torch.manual_seed(1)
+    a = plain(batch)["loss"]
+    torch.manual_seed(1)
+    b = off(batch)["loss"]
+    torch.testing.assert_close(a, b)

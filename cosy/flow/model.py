@@ -9,13 +9,14 @@ chunked v2-style variant that `FlowStream` decodes chunk by chunk).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosy.audio import MelConfig
+from cosy.audio import MelConfig, warp_mel
 from cosy.errors import CosyError
 from cosy.flow.cfm import CFMConfig, cfm_loss, euler, guided
 from cosy.flow.estimator import Cache, Conv, Estimator, EstimatorConfig
@@ -27,6 +28,23 @@ from cosy.modules.transformer import Encoder, EncoderConfig
 def _v1_encoder() -> EncoderConfig:
     return EncoderConfig(input_size=512, d_model=512, n_heads=8, ffn_dim=2048, n_layers=6,
                          layer="conformer", pos_enc="rel_pos", input_layer="linear")
+
+
+@dataclass
+class FrequencyWarpConfig:
+    """Training augmentation that makes the decoder take the voice from its prompt.
+
+    Speech tokens of an ASR tokenizer trained briefly still carry much of the voice, so a
+    decoder can learn the training voices from the tokens alone, ignore the prompt, and
+    render an unseen speaker's tokens in the nearest training voice. With probability
+    `prob` an item's mel (target and prompt alike) has its frequency axis scaled by a
+    factor drawn log-uniformly from [1 / max_factor, max_factor] (`cosy.audio.warp_mel`:
+    pitch and formants move together), and that item always gets the longest prompt
+    (`cfm.prompt_max`): the same tokens then stand for voices that only the prompt shows.
+    """
+
+    prob: float = 0.0
+    max_factor: float = 1.25
 
 
 @dataclass
@@ -49,6 +67,7 @@ class FlowConfig:
     edge_tokens: int = 20  # targets over 2x this many tokens get their ends stretched alone
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     cfm: CFMConfig = field(default_factory=CFMConfig)
+    warp: FrequencyWarpConfig = field(default_factory=FrequencyWarpConfig)
     causal: bool = False
     chunk_tokens: int = 25
     lookahead: int = 3
@@ -157,17 +176,32 @@ class FlowModel(nn.Module):
         feat, feat_len = batch["speech_feat"], batch["speech_feat_len"]
         mu = self.regulator(self.encode(batch["speech_token"], batch["speech_token_len"]), feat_len)
         mask = lengths_to_mask(feat_len, feat.shape[2]).unsqueeze(1).to(feat.dtype)
-        cond = self._random_prompt(feat, feat_len)
+        feat, warped = self._warp(feat)
+        cond = self._random_prompt(feat, feat_len, warped)
         loss = cfm_loss(self.estimator, feat, mask, mu, self.speaker(batch["embedding"]), cond, self.cfg.cfm)
         return {"loss": loss}
 
-    def _random_prompt(self, feat: torch.Tensor, feat_len: torch.Tensor) -> torch.Tensor:
+    def _warp(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`cfg.warp` on a random share of the items -> (mel, which items were warped (batch,))."""
+        b, warp = feat.shape[0], self.cfg.warp
+        chosen = torch.zeros(b, dtype=torch.bool, device=feat.device)
+        if self.training and warp.prob > 0:
+            chosen = torch.rand(b, device=feat.device) < warp.prob
+        if not bool(chosen.any()):
+            return feat, chosen
+        log_factor = (2 * torch.rand(b, device=feat.device) - 1) * math.log(warp.max_factor)
+        factors = torch.where(chosen, log_factor.exp(), torch.ones_like(log_factor))
+        return warp_mel(feat, factors, self.cfg.mel), chosen
+
+    def _random_prompt(self, feat: torch.Tensor, feat_len: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
         """A random prefix of up to `prompt_max` of each item's frames, for
-        `prompt_prob` of the items, as the prompt condition; zeros elsewhere."""
+        `prompt_prob` of the items, and the longest one for the `forced` items, as the
+        prompt condition; zeros elsewhere."""
         b, _, t = feat.shape
         longest = (feat_len.float() * self.cfg.cfm.prompt_max).long()
         size = (torch.rand(b, device=feat.device) * (longest + 1).float()).long()
         size = size * (torch.rand(b, device=feat.device) < self.cfg.cfm.prompt_prob)
+        size = torch.where(forced, longest, size)
         keep = lengths_to_mask(size, t)
         return feat * keep.unsqueeze(1)
 
