@@ -195,6 +195,25 @@ def test_gan_warmup_trains_the_generator_alone(tmp_path):
     assert any(not torch.equal(weights[k], after[k]) for k in after if k.startswith("discriminator."))
 
 
+def test_init_starts_a_new_run_from_another_runs_weights(tmp_path, capsys):
+    train, cv = corpus(tmp_path, rows=16, per_shard=16)
+    conf = write_config(tmp_path / "c.yaml", {"max_steps": 2, "cv_every_epoch": False})
+    assert cli.main(train_args(conf, train, cv, tmp_path / "first")) == 0
+    _, first = final_weights(tmp_path / "first")
+    # no steps: the new run's only checkpoint (end of training) holds the init weights
+    weights = tmp_path / "first" / Checkpoints(tmp_path / "first").latest().weights
+    assert cli.main(train_args(conf, train, cv, tmp_path / "tuned", f"train.init={weights}",
+                               "train.optim.lr=0.0", "train.max_steps=1")) == 0
+    step, tuned = final_weights(tmp_path / "tuned")
+    assert step == 1  # the step count starts afresh
+    for key in first:
+        torch.testing.assert_close(tuned[key], first[key], rtol=0, atol=0)
+    assert "initialised from" in (tmp_path / "tuned" / "train.log").read_text()
+    wider = write_config(tmp_path / "w.yaml", {"max_steps": 1, "init": str(weights)}, model={"dim": 12})
+    assert cli.main(train_args(wider, train, cv, tmp_path / "wider")) != 0
+    assert "parameter 'encoder.embed.weight' has shape (16, 8) in the file" in capsys.readouterr().err
+
+
 def test_outputs_config_log_and_tensorboard(tmp_path):
     train, cv = corpus(tmp_path, rows=16, per_shard=16)
     conf = write_config(tmp_path / "c.yaml", {"max_steps": 2, "log_every": 1},

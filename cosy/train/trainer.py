@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from cosy import config as cfg
 from cosy.data.loader import BatchInfo, DataConfig, ShardDataset, make_loader
 from cosy.errors import CosyError
-from cosy.checkpoint import read_weights
+from cosy.checkpoint import load_weights, read_weights
 from cosy.train.checkpoint import Checkpoints, Entry, rng_state, set_rng_state
 from cosy.train.schedule import OptimConfig, SchedulerConfig, build_optimizer, build_scheduler
 from cosy.train.task import Task
@@ -49,7 +49,10 @@ class TrainConfig:
     task (None = the same settings as `optim`). `ema_decay` > 0 keeps an exponential
     moving average of the weights. `gan_warmup_steps`: a GAN task's first N steps train
     the generator alone on its reconstruction losses (`turn="warmup"`); the discriminator,
-    which costs most of a step, is neither run nor stepped until then.
+    which costs most of a step, is neither run nor stepped until then. `init`: weights
+    (`.safetensors` of the same model, e.g. another run's `model.safetensors`) that a new
+    run starts from, to fine-tune with changed settings; the optimiser, schedule and step
+    count start afresh. `--resume` of a run that has checkpoints ignores it.
     """
 
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -70,6 +73,7 @@ class TrainConfig:
     keep_best: int = 5
     seed: int = 1234
     find_unused_parameters: bool = False
+    init: str | None = None
 
 
 @dataclass
@@ -149,7 +153,11 @@ class Trainer:
         self.cv_set = ShardDataset(cv_list, task, config.model, config.data, False, rank, world)
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        self.model = task.build(config.model).to(self.dist.device)
+        self.model = task.build(config.model)
+        if t.init and not (resume and self.checkpoints.entries):
+            load_weights(self.model, read_weights(t.init), t.init, "the config's model: section")
+            log.info("initialised from %s", t.init)
+        self.model = self.model.to(self.dist.device)
         parts = ("generator", "discriminator")
         if task.gan and not all(isinstance(getattr(self.model, n, None), nn.Module) for n in parts):
             raise CosyError(f"task '{task.name}' is a GAN task but its model lacks a generator or "
