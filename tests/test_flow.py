@@ -288,3 +288,6 @@ def test_frequency_warp_changes_training_items_and_gives_them_the_longest_prompt
     torch.manual_seed(1)
     b = off(batch)["loss"]
     torch.testing.assert_close(a, b)
+    for bad in (FrequencyWarpConfig(prob=1.5), FrequencyWarpConfig(max_factor=0.8)):
+        with pytest.raises(CosyError, match="model.warp"):
+            FlowModel(tiny(warp=bad))

@@ -122,6 +122,9 @@ class FlowModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         enc = cfg.encoder
+        if not (0.0 <= cfg.warp.prob <= 1.0 and cfg.warp.max_factor >= 1.0):
+            raise CosyError(f"model.warp.prob must be in [0, 1] and model.warp.max_factor at least 1, got "
+                            f"{cfg.warp.prob} and {cfg.warp.max_factor}")
         if enc.causal or enc.chunk_size:
             raise CosyError("set model.causal and model.chunk_tokens instead of "
                             "model.encoder.causal / model.encoder.chunk_size")
