@@ -282,7 +282,9 @@ def test_frequency_warp_changes_training_items_and_gives_them_the_longest_prompt
              "embedding": torch.randn(2, 8)}
     off = FlowModel(tiny(warp=FrequencyWarpConfig(prob=0.0))).train()
     off.load_state_dict(plain.state_dict())
-    plain.encoder.eval(), off.encoder.eval()  # no dropout draws in the comparison
+    # no dropout draws in the comparison
+    plain.encoder.eval()
+    off.encoder.eval()
     torch.manual_seed(1)
     a = plain(batch)["loss"]
     torch.manual_seed(1)

@@ -200,7 +200,7 @@ def test_init_starts_a_new_run_from_another_runs_weights(tmp_path, capsys):
     conf = write_config(tmp_path / "c.yaml", {"max_steps": 2, "cv_every_epoch": False})
     assert cli.main(train_args(conf, train, cv, tmp_path / "first")) == 0
     _, first = final_weights(tmp_path / "first")
-    # no steps: the new run's only checkpoint (end of training) holds the init weights
+    # one step at learning rate 0: the new run's checkpoint still holds the init weights
     weights = tmp_path / "first" / Checkpoints(tmp_path / "first").latest().weights
     assert cli.main(train_args(conf, train, cv, tmp_path / "tuned", f"train.init={weights}",
                                "train.optim.lr=0.0", "train.max_steps=1")) == 0
