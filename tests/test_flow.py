@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from cosy import cli
 from cosy.audio import MelConfig
 from cosy.errors import CosyError
-from cosy.flow.cfm import CFMConfig, cfm_loss, euler
+from cosy.flow.cfm import CFMConfig, cfm_loss, euler, guided
 from cosy.flow.estimator import EstimatorConfig, RecentKV
 from cosy.flow.model import FlowConfig, FlowModel, FrequencyWarpConfig
 from cosy.flow.onnx import export_estimator, load_model, onnx_max_diff
@@ -73,6 +73,49 @@ def test_euler_on_cosine_schedule_follows_the_straight_path():
     assert float((out - x1).abs().max()) < 1e-4
     assert len(times) == 10 and times[0] == 0.0
     assert times[1] == pytest.approx(1 - math.cos(math.pi / 20), abs=1e-6)
+
+
+def test_dropout_draws_drop_everything_or_only_the_voice():
+    """Each sample keeps all conditions, loses all, or keeps only the tokens (mu), in the
+    configured shares; without voice dropout the same draws drop the same samples."""
+    seen = []
+
+    def record(xt, mask, mu, t, spks, cond):
+        seen.append((mu[:, 0, 0] != 0, spks[:, 0] != 0, cond[:, 0, 0] != 0))
+        return torch.zeros_like(xt)
+
+    n = 4000
+    x1, ones = torch.randn(n, 2, 3), torch.ones(n, 2, 3)
+    for voice in (0.5, 0.0):
+        cfm_loss(record, x1, torch.ones(n, 1, 3), ones, torch.ones(n, 2), ones,
+                 CFMConfig(cfg_dropout=0.2, voice_dropout=voice), generator=torch.Generator().manual_seed(0))
+    (mu, spks, cond), (mu0, spks0, cond0) = seen
+    assert torch.equal(spks, cond) and torch.equal(spks0, cond0) and torch.equal(mu0, spks0)
+    assert not (spks & ~mu).any()  # the voice is never kept without the tokens
+    assert torch.equal(mu, mu0)  # the same samples lose everything
+    assert abs(float((~mu).float().mean()) - 0.2) < 0.03
+    assert abs(float((mu & ~spks).float().mean()) - 0.5) < 0.03
+
+
+def test_voice_guidance_adds_the_tokens_only_contrast():
+    """guided = (1 + g) v(mu, spk, cond) - g v(0, 0, 0) + w (v(mu, spk, cond) - v(mu, 0, 0)),
+    with the voice row evaluated only when w is set."""
+    rows = []
+
+    def field(x, mask, mu, t, spks, cond):
+        rows.append(x.shape[0])
+        return x + 2 * mu + 3 * spks[:, :, None] + 5 * cond
+
+    x, mu, cond, spks = torch.randn(2, 4, 6), torch.randn(2, 4, 6), torch.randn(2, 4, 6), torch.randn(2, 4)
+    t, mask = torch.full((2,), 0.3), torch.ones(2, 1, 6)
+    full, bare, tokens_only = field(x, mask, mu, t, spks, cond), x, x + 2 * mu
+    plain = guided(field, CFMConfig(guidance=0.7))(x, mask, mu, t, spks, cond)
+    torch.testing.assert_close(plain, 1.7 * full - 0.7 * bare)
+    voiced = guided(field, CFMConfig(guidance=0.7, voice_guidance=1.5))(x, mask, mu, t, spks, cond)
+    torch.testing.assert_close(voiced, 1.7 * full - 0.7 * bare + 1.5 * (full - tokens_only))
+    assert rows == [2, 4, 6]  # the direct call, then 2 and 3 rows per sample
+    with pytest.raises(CosyError, match="model.cfm.voice_dropout"):
+        FlowModel(tiny(cfm=CFMConfig(cfg_dropout=0.6, voice_dropout=0.5)))
 
 
 # ----------------------------------------------------------------------- training
@@ -136,12 +179,13 @@ def test_bad_inference_inputs_are_named():
 
 
 # ---------------------------------------------------------------------- streaming
-@pytest.mark.parametrize("left_chunks", [1, -1])
-def test_streaming_equals_offline_causal_model(left_chunks):
+@pytest.mark.parametrize("left_chunks,voice_guidance", [(1, 0.0), (-1, 0.0), (1, 1.0)])
+def test_streaming_equals_offline_causal_model(left_chunks, voice_guidance):
     """Chunked decoding (pushes of uneven sizes, a 7-token prompt, a partial last chunk) gives the
     offline output of the same causal model with the same noise (tolerance 1e-5)."""
     torch.manual_seed(0)
-    model = FlowModel(tiny(causal=True, left_chunks=left_chunks)).eval()
+    model = FlowModel(tiny(causal=True, left_chunks=left_chunks,
+                           cfm=CFMConfig(voice_guidance=voice_guidance))).eval()
     tokens, prompt = torch.randint(0, 32, (1, 23)), torch.randint(0, 32, (1, 7))
     prompt_feat, emb = torch.randn(1, 16, 15), torch.randn(1, 8)
     noise = torch.randn(1, 16, 2 * 30)

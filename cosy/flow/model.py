@@ -125,6 +125,10 @@ class FlowModel(nn.Module):
         if not (0.0 <= cfg.warp.prob <= 1.0 and cfg.warp.max_factor >= 1.0):
             raise CosyError(f"model.warp.prob must be in [0, 1] and model.warp.max_factor at least 1, got "
                             f"{cfg.warp.prob} and {cfg.warp.max_factor}")
+        cfm = cfg.cfm
+        if min(cfm.cfg_dropout, cfm.voice_dropout) < 0 or cfm.cfg_dropout + cfm.voice_dropout > 1:
+            raise CosyError(f"model.cfm.cfg_dropout and model.cfm.voice_dropout must be at least 0 and sum "
+                            f"to at most 1, got {cfm.cfg_dropout} and {cfm.voice_dropout}")
         if enc.causal or enc.chunk_size:
             raise CosyError("set model.causal and model.chunk_tokens instead of "
                             "model.encoder.causal / model.encoder.chunk_size")
@@ -237,7 +241,7 @@ class FlowModel(nn.Module):
         elif noise.shape != mu.shape:
             raise CosyError(f"noise must have shape {tuple(mu.shape)}, got {tuple(noise.shape)}")
         mask = torch.ones_like(mu[:, :1])
-        field = guided(self.estimator, cfg.cfm.guidance)
+        field = guided(self.estimator, cfg.cfm)
         mel = euler(field, noise, mask, mu, self.speaker(embedding), cond, cfg.cfm)
         return mel[:, :, f1:]
 
@@ -349,7 +353,7 @@ class FlowStream:
             z = self.noise[:, :, start:stop]
         else:
             z = torch.randn(mu.shape, generator=self.generator, device=mu.device)
-        field = guided(model.estimator, cfg.cfm.guidance)
+        field = guided(model.estimator, cfg.cfm)
         mel = euler(field, z, torch.ones_like(mu[:, :1]), mu, self.spk, cond, cfg.cfm, self.step_caches)
         self.done += n
         return mel[:, :, max(0, self.prompt_feat.shape[2] - start):]
