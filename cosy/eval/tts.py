@@ -143,8 +143,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = evaluate(args.hyp_dir, args.data, args.speaker, args.whisper_dir, mos=not args.no_mos)
     prefix = Path(args.out) if args.out else Path(args.hyp_dir) / "eval"
+    # before the scoring, which takes minutes: a report folder that cannot be made fails now
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    report = evaluate(args.hyp_dir, args.data, args.speaker, args.whisper_dir, mos=not args.no_mos)
     table = format_table(report)
     prefix.with_suffix(".md").write_text(table)
     prefix.with_suffix(".json").write_text(json.dumps(report, indent=2))
