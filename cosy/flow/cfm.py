@@ -73,8 +73,9 @@ def guided(estimator: VectorField, cfg: CFMConfig) -> VectorField:
         if cfg.voice_guidance:
             rows.append((mu, no_spks, no_cond))
         n = len(rows)
-        mus, spkss, conds = (torch.cat(parts) for parts in zip(*rows))
-        out = estimator(torch.cat([x] * n), torch.cat([mask] * n), mus, torch.cat([t] * n), spkss, conds, **kw)
+        mu_rows, spk_rows, cond_rows = (torch.cat(parts) for parts in zip(*rows))
+        out = estimator(torch.cat([x] * n), torch.cat([mask] * n), mu_rows, torch.cat([t] * n), spk_rows, cond_rows,
+                        **kw)
         v_cond = out[:b]
         v = (1 + cfg.guidance) * v_cond - cfg.guidance * out[b:2 * b]
         if cfg.voice_guidance:
