@@ -97,14 +97,19 @@ def main() -> None:
         short = 2
         train = write_list(root / "train", BATCH * (short + args.steps))
         cv = write_list(root / "cv", 1)
+        warmup = root / "warmup"
+        warmup.mkdir()
         print(f"small transformer: 4 layers, d 256, batch {BATCH} x {FRAMES} frames, "
               f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
         # CPU seconds stay meaningful when other jobs share the cores; wall time does not
         # fp16 (with its loss scaler) only where it runs: the trainer refuses it on CPU
         for precision in ("fp32", "bf16", "fp16") if torch.cuda.is_available() else ("fp32", "bf16"):
-            long_wall, long_cpu = seconds_for(short + args.steps, precision, root, train, cv)
+            # an untimed run first: the one-off costs of a precision (CUDA kernels loaded and
+            # tuned on first use) would otherwise land in one timed run and not in the other
+            seconds_for(short, precision, warmup, train, cv)
             short_wall, short_cpu = seconds_for(short, precision, root, train, cv)
+            long_wall, long_cpu = seconds_for(short + args.steps, precision, root, train, cv)
             wall, cpu = long_wall - short_wall, long_cpu - short_cpu
             print(f"{precision:5s} {args.steps / wall:6.2f} steps/s  ({1000 * wall / args.steps:7.1f} ms/step wall, "
                   f"{cpu / args.steps:6.2f} CPU-s/step)")
