@@ -27,14 +27,14 @@ def test_copies_of_the_recordings_score_like_the_recordings(tiny_corpus, tmp_pat
     test = tiny_corpus / "test"
     data = DataDir.load(test)
     hyp = _hyp_dir(tmp_path / "copy", data, lambda u: u)
-    out = tmp_path / "reports" / "copy"  # a folder that does not exist yet
+    out = tmp_path / "reports" / "copy.v2"  # a folder that does not exist yet; a dot in the prefix
     assert main(["eval", "tts", "--hyp-dir", str(hyp), "--data", str(test), "--no-mos", "--out", str(out)]) == 0
-    report = json.loads((out.parent / "copy.json").read_text())
+    report = json.loads((out.parent / "copy.v2.json").read_text())
     synth, truth = report["synthesised"], report["ground_truth"]
     assert synth["wer"] == truth["wer"] and synth["hypotheses"] == truth["hypotheses"]
     assert synth["sim_resemblyzer"] == pytest.approx(truth["sim_resemblyzer"], abs=1e-6)
     assert synth["spk_id_resemblyzer"] == 1.0 and synth["spk_mean_id_resemblyzer"] == 1.0
-    assert "| synthesised |" in (out.parent / "copy.md").read_text()
+    assert "| synthesised |" in (out.parent / "copy.v2.md").read_text()
 
 
 def test_wrong_voices_are_caught_by_the_speaker_judges(tiny_corpus, tmp_path):

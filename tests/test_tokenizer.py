@@ -439,10 +439,10 @@ def eval_checkpoint(bpe_path, tmp_path_factory):
 def test_eval_tokenizer_cli_reports_every_metric(eval_checkpoint, tmp_path, capsys):
     data_dir = tmp_path / "data"
     make_data_dir(data_dir, durations=(0.5, 0.6, 0.7, 0.8, 0.5, 0.6, 0.7, 0.8))
-    out = tmp_path / "report"
+    out = tmp_path / "reports" / "tok.v2"  # a folder that does not exist yet; a dot in the prefix
     assert cli_main(["eval", "tokenizer", "--data", str(data_dir), "--tokenizer", str(eval_checkpoint),
                      "--out", str(out), "--batch-size", "3"]) == 0
-    report = json.loads((tmp_path / "report.json").read_text())
+    report = json.loads((tmp_path / "reports" / "tok.v2.json").read_text())
     assert report["utterances"] == 8 and report["skipped"] == []
     assert report["audio_seconds"] == pytest.approx(5.2, abs=1e-9)
     assert report["asr"]["utterances"] == 8 and report["asr"]["wer"] >= 0 and report["asr"]["cer"] >= 0
@@ -455,7 +455,7 @@ def test_eval_tokenizer_cli_reports_every_metric(eval_checkpoint, tmp_path, caps
     assert leak["tokens"]["chance"] == 0.5 and leak["tokens"]["test_utterances"] == 4
     # the two "speakers" are tones an octave apart: pooled log-mel separates them perfectly
     assert leak["log_mel"]["accuracy"] == 1.0
-    markdown = (tmp_path / "report.md").read_text()
+    markdown = (tmp_path / "reports" / "tok.v2.md").read_text()
     assert "| WER (greedy CTC) |" in markdown and markdown in capsys.readouterr().out
 
 

@@ -19,7 +19,6 @@ reference line a system should approach:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Callable
@@ -32,6 +31,7 @@ from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
 from cosy.eval.asr import load_recogniser, word_error_rate
 from cosy.eval.mos import dnsmos
+from cosy.eval.report import report_prefix, write_report
 from cosy.eval.speaker import (Embedder, embed_or_none, speaker_embedders, speaker_identification,
                                speaker_identification_of_means)
 
@@ -143,12 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    prefix = Path(args.out) if args.out else Path(args.hyp_dir) / "eval"
-    # before the scoring, which takes minutes: a report folder that cannot be made fails now
-    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix = report_prefix(args.out, Path(args.hyp_dir) / "eval")
     report = evaluate(args.hyp_dir, args.data, args.speaker, args.whisper_dir, mos=not args.no_mos)
     table = format_table(report)
-    prefix.with_suffix(".md").write_text(table)
-    prefix.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    write_report(prefix, report, table)
     print(table)
     return 0

@@ -17,7 +17,6 @@ Writes PREFIX.json and PREFIX.md (default DIR/tokenizer_eval) and prints the Mar
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
 from cosy.eval.asr import normalise_for_wer
+from cosy.eval.report import report_prefix, write_report
 from cosy.tokenizer.extract import (OnnxBackend, TorchBackend, load_tokenizer, map_windows, readable_features,
                                     tokenize_stream, window_frames)
 from cosy.tokenizer.model import load_text_tokenizer
@@ -204,12 +204,10 @@ def run(args) -> int:
     backend = load_tokenizer(args.tokenizer, args.device)
     if isinstance(backend, OnnxBackend):
         log.info("ONNX tokenizer: no ASR head, WER/CER are not reported")
+    prefix = report_prefix(args.out, Path(args.data) / "tokenizer_eval")
     report = evaluate(args.data, backend, args.batch_size, args.num_workers, args.codebook_size)
     report["tokenizer"] = str(args.tokenizer)
-    prefix = Path(args.out) if args.out else Path(args.data) / "tokenizer_eval"
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     markdown = format_markdown(report)
-    Path(f"{prefix}.json").write_text(json.dumps(report, indent=2) + "\n")
-    Path(f"{prefix}.md").write_text(markdown)
+    write_report(prefix, report, markdown)
     print(markdown, end="")
     return 0
