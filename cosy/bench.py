@@ -236,7 +236,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--model-dir", help="a model dir made by `cosy pack`")
     source.add_argument("--config", choices=["tiny", "v1"], default="tiny",
                         help="a named system with random weights (default: tiny)")
-    parser.add_argument("--steps", type=int, help="flow solver steps (named configs; default: the config's 10)")
+    parser.add_argument("--steps", type=int, help="flow solver steps (default: the model dir's, or the config's 10)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--device", default="cpu", help="torch device to synthesise on (cpu, cuda, cuda:1, ...)")
     parser.add_argument("--json", help="also write the JSON result to this file")
@@ -252,8 +252,12 @@ def run(args: argparse.Namespace) -> int:
     name = args.model_dir or args.config
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise CosyError(f"--device {args.device}: this torch sees no CUDA device")
+    if args.steps is not None and args.steps < 1:
+        raise CosyError(f"--steps must be at least 1, got {args.steps}")
     tts = (CosyTTS.from_pretrained(args.model_dir, args.device) if args.model_dir
            else random_tts(args.config, args.steps, args.device))
+    if args.model_dir and args.steps:
+        tts.set_flow_steps(args.steps)
     result = {"system": name, "device": args.device, "threads": torch.get_num_threads(),
               "flow_steps": tts.parts.flow.cfg.cfm.steps, **measure(tts, synthetic_prompt())}
     rows = [("audio generated", f"{result['audio_seconds']:.2f} s"),

@@ -411,3 +411,28 @@ def test_redecoder_grows_its_chunks_and_ends_at_the_offline_length(system):
     assert decodes == [10, 30, 70]  # chunks of 10, 20, 40 tokens
     assert sizes[9] == flow.cfg.frames_for(10 - 3)  # the last 3 tokens' frames are held back
     assert sum(sizes) + decoder.finish().shape[2] == flow.cfg.frames_for(100)
+
+
+def test_flow_steps_set_the_solver_steps_offline_and_streaming(system, tmp_path, capsys):
+    tts = CosyTTS.from_pretrained(system["model"])
+    calls = []
+    tts.parts.flow.estimator.register_forward_hook(lambda *_: calls.append(1))
+    tts.synthesize("Hello.", system["prompt"], seed=0)
+    default = len(calls)
+    assert default == tts.parts.flow.cfg.cfm.steps == 10  # one sentence, one batched call a step
+    tts.set_flow_steps(3)
+    calls.clear()
+    tts.synthesize("Hello.", system["prompt"], seed=0)
+    assert len(calls) == 3
+    calls.clear()
+    list(tts.stream("Hello.", system["prompt"], seed=0))
+    assert len(calls) % 3 == 0 and len(calls) > 0
+    with pytest.raises(CosyError, match="at least 1"):
+        tts.set_flow_steps(0)
+    assert cli("synthesize", "--text", "Hello.", "--prompt-wav", system["prompt"], "--model-dir", system["model"],
+               "--out", tmp_path / "a.wav", "--flow-steps", 0) != 0
+    assert "--flow-steps must be at least 1" in capsys.readouterr().err
+    assert cli("synthesize", "--text", "Hello.", "--prompt-wav", system["prompt"], "--model-dir", system["model"],
+               "--out", tmp_path / "a.wav", "--flow-steps", 2) == 0
+    assert cli("bench", "--model-dir", system["model"], "--steps", 2, "--json", tmp_path / "bench.json") == 0
+    assert json.loads((tmp_path / "bench.json").read_text())["flow_steps"] == 2

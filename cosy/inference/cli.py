@@ -36,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speed", type=float, default=1.0, help="speaking rate factor (> 1 is faster)")
     parser.add_argument("--seed", type=int, help="random seed: the same seed gives the same samples")
     parser.add_argument("--batch-size", type=int, help="sentences decoded together (default: the model dir's)")
+    parser.add_argument("--flow-steps", type=int, help="flow decoder solver steps (default: the model dir's)")
     parser.add_argument("--device", default="cpu")
 
 
@@ -53,6 +54,10 @@ def run(args: argparse.Namespace) -> int:
     tts = CosyTTS.from_pretrained(args.model_dir, args.device)
     if args.batch_size:
         tts.settings.batch_size = args.batch_size
+    if args.flow_steps is not None:
+        if args.flow_steps < 1:
+            raise CosyError(f"--flow-steps must be at least 1, got {args.flow_steps}")
+        tts.set_flow_steps(args.flow_steps)
     if args.text is not None:
         return _one(tts, args)
     if args.text_file:

@@ -13,6 +13,7 @@ prompt reaches the output through the flow decoder (cross-lingual style).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -106,6 +107,17 @@ class CosyTTS:
     @property
     def sample_rate(self) -> int:
         return self.parts.vocoder.mel.sample_rate
+
+    def set_flow_steps(self, steps: int) -> None:
+        """Solve the flow decoder's ODE in `steps` steps instead of the model dir's `cfm.steps`.
+
+        Its cost is proportional to the steps; recipes/mini/RESULTS.md measures what halving
+        them costs the default model.
+        """
+        if steps < 1:
+            raise CosyError(f"flow steps must be at least 1, got {steps}")
+        flow = self.parts.flow
+        flow.cfg = dataclasses.replace(flow.cfg, cfm=dataclasses.replace(flow.cfg.cfm, steps=steps))
 
     # ------------------------------------------------------------------ inputs
 
