@@ -13,10 +13,9 @@ prompt reaches the output through the flow decoder (cross-lingual style).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator, Sequence, Union
 
@@ -117,7 +116,7 @@ class CosyTTS:
         if steps < 1:
             raise CosyError(f"flow steps must be at least 1, got {steps}")
         flow = self.parts.flow
-        flow.cfg = dataclasses.replace(flow.cfg, cfm=dataclasses.replace(flow.cfg.cfm, steps=steps))
+        flow.cfg = replace(flow.cfg, cfm=replace(flow.cfg.cfm, steps=steps))
 
     # ------------------------------------------------------------------ inputs
 
