@@ -51,12 +51,12 @@ def run(args: argparse.Namespace) -> int:
         raise CosyError("--prompt-wav is required (except with --manifest, which names a prompt per line)")
     if args.stream and args.text is None:
         raise CosyError("--stream works with --text only")
+    if args.flow_steps is not None and args.flow_steps < 1:
+        raise CosyError(f"--flow-steps must be at least 1, got {args.flow_steps}")
     tts = CosyTTS.from_pretrained(args.model_dir, args.device)
     if args.batch_size:
         tts.settings.batch_size = args.batch_size
     if args.flow_steps is not None:
-        if args.flow_steps < 1:
-            raise CosyError(f"--flow-steps must be at least 1, got {args.flow_steps}")
         tts.set_flow_steps(args.flow_steps)
     if args.text is not None:
         return _one(tts, args)
