@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,9 @@ def test_tiny_recipe_end_to_end(tiny_run):
         assert (tiny_run / report).is_file(), report
     stages = [line.split("\t")[0] for line in (tiny_run / "stage_times.tsv").read_text().splitlines()]
     assert stages == [str(n) for n in range(11)]
+    # stage 5 trained its models side by side (the CPU default), each into its own log
+    for model in ("llm", "flow", "vocoder"):
+        assert "step" in (tiny_run / "exp" / f"{model}.log").read_text(), model
 
 
 def test_tiny_recipe_ships_a_half_precision_model_evaluated_on_the_example_voices(tiny_run):
@@ -81,11 +85,34 @@ def test_stage_4_alone_rewrites_shards_from_earlier_outputs(tiny_run):
     assert (tiny_run / "stage_times.tsv").read_text().splitlines()[-1].startswith("4\t")
 
 
+def test_stage_5_in_a_row_resumes_finished_trainings(tiny_run):
+    times = tiny_run / "stage_times.tsv"
+    result = run_script(MINI, "--size", "tiny", "--dir", tiny_run, "--stage", "5", "--stop_stage", "5",
+                        "--parallel_train", "false")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "in the background" not in result.stderr
+    assert times.read_text().splitlines()[-1].startswith("5\t")
+
+
+def test_stage_5_names_the_training_that_failed(tiny_run, tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(MINI.parent / "conf", conf)
+    (conf / "flow_tiny.yaml").write_text("task: flow\nmodel: {no_such_key: 1}\n")
+    result = run_script(MINI, "--size", "tiny", "--dir", tiny_run, "--conf", conf, "--stage", "5", "--stop_stage", "5")
+    assert result.returncode != 0
+    assert "training flow failed" in result.stderr and "no_such_key" in result.stderr
+    assert "training llm failed" not in result.stderr and "training vocoder failed" not in result.stderr
+
+
 def test_recipe_options_are_checked(tmp_path):
     bad = run_script(MINI, "--dir", tmp_path, "--bogus", "1")
     assert bad.returncode != 0 and "--bogus" in bad.stderr
     bad = run_script(MINI, "--dir", tmp_path, "--size", "huge")
     assert bad.returncode != 0 and "--size" in bad.stderr
+    bad = run_script(MINI, "--dir", tmp_path, "--parallel_train", "yes")
+    assert bad.returncode != 0 and "--parallel_train" in bad.stderr
+    bad = run_script(MINI, "--dir", tmp_path, "--parallel_train", "true", "--ngpu", "1")
+    assert bad.returncode != 0 and "--ngpu" in bad.stderr
     bad = run_script(MINI, "--dir", tmp_path, "--data", tmp_path, "--stage", "0")
     assert bad.returncode != 0 and "--stage 1" in bad.stderr
     bad = run_script(LIBRITTS, "--dir", tmp_path, "--stage")
