@@ -175,7 +175,9 @@ if run_stage 5; then
     slots=$(nproc); [ "$slots" -le ${#models[@]} ] || slots=${#models[@]}
     threads=$(( $(nproc) / slots ))
     mkdir -p "$exp"
-    trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a stopped recipe stops its trainings
+    # A stopped recipe stops its trainings: each runs as a child of a subshell job.
+    stop_trainings() { for p in $(jobs -p); do pkill -TERM -P "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done; }
+    trap stop_trainings EXIT
     for model in "${models[@]}"; do
       [ "$(jobs -rp | wc -l)" -lt "$slots" ] || wait -n || true
       log "training $model in the background ($threads thread(s)): $exp/$model.log"
