@@ -62,13 +62,13 @@ if [ -z "$parallel_train" ]; then
   parallel_train=true; [ "$ngpu" -eq 0 ] || parallel_train=false
 fi
 case "$parallel_train" in
-  true) if [ "$ngpu" -gt 0 ]; then
-          echo "$0: --parallel_train true is for CPU training; with --ngpu each model uses every GPU in turn" >&2
-          exit 1
-        fi ;;
-  false) ;;
+  true|false) ;;
   *) echo "$0: --parallel_train must be true or false, got '$parallel_train'" >&2; exit 1 ;;
 esac
+if [ "$parallel_train" = true ] && [ "$ngpu" -gt 0 ]; then
+  echo "$0: --parallel_train true is for CPU training; with --ngpu each model uses every GPU in turn" >&2
+  exit 1
+fi
 recipe=$(cd "$(dirname "$0")" && pwd)
 conf=$(cd "${conf:-$recipe/conf}" && pwd)
 dir=${dir:-exp/mini_$size}
@@ -108,6 +108,7 @@ speaker=${speaker_model:-$exp/speaker/model.safetensors}
 text_tokenizer=$exp/text/tokenizer.json
 mos_flag=()
 [ "$mos" = true ] || mos_flag=(--no-mos)
+models=(llm flow vocoder)   # what stages 5 and 6 train and average, longest training first
 
 if run_stage 0; then
   begin 0 "synthetic corpus ($size) and validation"
@@ -161,7 +162,6 @@ fi
 
 if run_stage 5; then
   begin 5 "LM, flow decoder, vocoder"
-  models=(llm flow vocoder)
   fit() {  # fit MODEL: one of the three trainings
     if [ "$1" = llm ]; then train llm full "model.tokenizer=$text_tokenizer"; else train "$1" full; fi
   }
@@ -172,8 +172,9 @@ if run_stage 5; then
     # trains the flow decoder and then the vocoder (RESULTS.md, "Stage 5 on two cores").
     # Each one's output goes to exp/<model>.log: three progress bars on one terminal
     # would be unreadable.
-    slots=$(nproc); [ "$slots" -le ${#models[@]} ] || slots=${#models[@]}
-    threads=$(( $(nproc) / slots ))
+    cores=$(nproc)
+    slots=$cores; [ "$slots" -le ${#models[@]} ] || slots=${#models[@]}
+    threads=$(( cores / slots ))
     mkdir -p "$exp"
     # A stopped recipe stops its trainings: each runs as a child of a subshell job.
     stop_trainings() { for p in $(jobs -p); do pkill -TERM -P "$p" 2>/dev/null || true; kill "$p" 2>/dev/null || true; done; }
@@ -204,7 +205,7 @@ fi
 
 if run_stage 6; then
   begin 6 "average the best $average_num checkpoints"
-  for model in llm flow vocoder; do average $model; done
+  for model in "${models[@]}"; do average "$model"; done
   end 6 average
 fi
 
