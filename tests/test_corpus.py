@@ -11,8 +11,9 @@ import soundfile as sf
 
 from cosy.cli import main
 from cosy.data.kaldi import DataDir, validate
-from cosy.data.synth_corpus import (SAMPLE_RATE, SIZES, Speaker, available_voices, build_corpus, clean_sentence,
-                                    plan_speakers, render_speaker, trim_silence)
+from cosy.data.synth_corpus import (SAMPLE_RATE, SIZES, TEST_VOICE_MARGIN, Speaker, available_voices, build_corpus,
+                                    clean_sentence, collect_sentences, plan_corpus, plan_speakers, render_speaker,
+                                    trim_silence)
 from cosy.errors import CosyError
 
 SPLITS = ("train", "dev", "test")
@@ -109,6 +110,35 @@ def test_plan_speakers_spreads_engines_and_separates_clones():
     slt = sorted(s.pitch for s in speakers if s.voice == "slt")
     # Clones of one voice sit a semitone apart or more (0.9 allows for rounding to 0.1).
     assert min(np.diff(slt)) >= 0.9
+
+
+def test_wide_plan_has_the_default_test_set_and_hours_with_more_voices():
+    voices, sentences = available_voices(), collect_sentences()
+    default = plan_corpus(SIZES["default"], 0, voices, sentences)
+    wide = plan_corpus(SIZES["wide"], 0, voices, sentences)
+
+    def lines(planned, split):
+        return {utt: text for _, spk_lines in planned for name, utt, text in spk_lines if name == split}
+
+    assert lines(wide, "test") == lines(default, "test")
+    assert lines(wide, "dev").items() >= lines(default, "dev").items()
+    assert [spk for spk, _ in wide[:len(default)]] == [spk for spk, _ in default]
+    default_train = lines(default, "train")
+    for spk, spk_lines in wide[:len(default)]:
+        train = {utt: text for name, utt, text in spk_lines if name == "train"}
+        assert len(train) == (0 if spk.split == "test" else 150)
+        assert train.items() <= default_train.items()
+    extra = [spk for spk, _ in wide[len(default):]]
+    assert 20 <= len(extra) <= 30 and all(spk.split == "train" for spk in extra)
+    assert len({spk.id for spk, _ in wide}) == len(wide)
+    tests = [spk for spk, _ in default if spk.split == "test"]
+    for spk in extra:
+        assert all(abs(spk.pitch - t.pitch) >= TEST_VOICE_MARGIN for t in tests
+                   if (t.engine, t.voice, t.variant) == (spk.engine, spk.voice, spk.variant))
+    train_speakers = sum(spk.split == "train" for spk, _ in wide)
+    assert len(lines(wide, "train")) == 150 * train_speakers
+    assert 0.95 < len(lines(wide, "train")) / len(default_train) <= 1.0
+    assert not set(lines(wide, "train").values()) & set(lines(wide, "test").values())
 
 
 def test_silent_engine_output_is_dropped_and_reported(tmp_path):

@@ -8,8 +8,8 @@ through sox pitch and tempo changes (sox `pitch` also moves the formants, so the
 changes with it); each speaker's recipe is written to DIR/speakers.json.
 
 Splits: train; dev (train speakers, sentences unseen in train); test (unseen speakers
-and unseen sentences: the zero-shot set). Everything is drawn from one seeded RNG and
-each speaker is rendered independently, so a seed gives the same corpus whatever the
+and unseen sentences: the zero-shot set). Everything is drawn from RNGs seeded by the seed,
+and each speaker is rendered independently, so a seed gives the same corpus whatever the
 number of jobs.
 """
 
@@ -22,7 +22,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -52,6 +52,9 @@ MBROLA_DIR = Path("/usr/share/mbrola")
 ENGINE_WEIGHTS = {"espeak-ng": 0.45, "flite": 0.3, "festival": 0.1, "mbrola": 0.15}
 # Semitone offsets for the k-th speaker made from one base voice, so clones stay apart.
 PITCH_STEPS = (0, 3, -3, 5, -5, 2, -2, 4, -4, 6, -6)
+# An extra train speaker this near (semitones) to a test speaker made from the same engine
+# voice would be that test speaker, and the test set would no longer be unseen.
+TEST_VOICE_MARGIN = 1.5
 MIN_WORDS, MAX_WORDS = 4, 30
 TRIM_DB = 40.0        # frames this far below the loudest frame count as silence
 TRIM_PAD_S = 0.1      # silence kept at each end
@@ -66,11 +69,18 @@ class CorpusSize:
     train_utts: int   # per train speaker
     dev_utts: int     # per train speaker
     test_utts: int    # per test speaker
+    # More voices at the same hours: `extra_speakers` more train speakers continue the speaker
+    # plan after the test ones, and every train speaker keeps `kept_train_utts` of its train
+    # lines. The other draws are untouched, so the test set is that of the size without them.
+    extra_speakers: int = 0
+    kept_train_utts: int | None = None
 
 
 SIZES = {
     "tiny": CorpusSize(train_speakers=6, test_speakers=2, train_utts=4, dev_utts=1, test_utts=3),
     "default": CorpusSize(train_speakers=30, test_speakers=8, train_utts=300, dev_utts=10, test_utts=40),
+    "wide": CorpusSize(train_speakers=30, test_speakers=8, train_utts=300, dev_utts=10, test_utts=40,
+                       extra_speakers=30, kept_train_utts=150),
 }
 
 
@@ -161,6 +171,51 @@ def plan_speakers(count: int, num_test: int, voices: dict[str, list[tuple[str, s
     return speakers
 
 
+def plan_corpus(plan: CorpusSize, seed: int, voices: dict[str, list[tuple[str, str]]],
+                sentences: list[str]) -> list[tuple[Speaker, list[tuple[str, str, str]]]]:
+    """Every speaker with the `(split, utt, text)` lines it will say; cheap, renders nothing."""
+    rng = random.Random(seed)
+    count = plan.train_speakers + plan.test_speakers
+    speakers = plan_speakers(count, plan.test_speakers, voices, rng)
+
+    sentences = list(sentences)
+    rng.shuffle(sentences)
+    ids = {s: i for i, s in enumerate(sorted(sentences))}
+    n_dev = max(plan.dev_utts, len(sentences) // 20)
+    n_test = max(plan.test_utts, len(sentences) // 20)
+    pools = {"dev": sentences[:n_dev], "test": sentences[n_dev:n_dev + n_test], "train": sentences[n_dev + n_test:]}
+    if len(pools["train"]) < plan.train_utts:
+        raise CosyError(f"only {len(sentences)} usable sentences under {FORTUNE_DIR}; the corpus needs more "
+                        "(install the fortunes package)")
+
+    def draw(spk: Speaker, wanted: list[tuple[str, int]], draw_rng: random.Random) -> list[tuple[str, str, str]]:
+        return [(split, f"{spk.id}-{ids[s]:05d}", s) for split, n in wanted for s in draw_rng.sample(pools[split], n)]
+
+    planned = []
+    for spk in speakers:
+        wanted = [("test", plan.test_utts)] if spk.split == "test" else [("train", plan.train_utts),
+                                                                          ("dev", plan.dev_utts)]
+        planned.append((spk, draw(spk, wanted, rng)))
+    kept = plan.kept_train_utts or plan.train_utts
+
+    def keep_part(spk: Speaker, lines: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        train = sorted((line for line in lines if line[0] == "train"), key=lambda line: line[1])
+        return random.Random(spk.id).sample(train, kept) + [line for line in lines if line[0] != "train"]
+
+    if kept < plan.train_utts:
+        planned = [(spk, keep_part(spk, lines) if spk.split == "train" else lines) for spk, lines in planned]
+    tests = [spk for spk in speakers if spk.split == "test"]
+    longer = plan_speakers(count + plan.extra_speakers, plan.test_speakers, voices, random.Random(seed))
+    extra_rng = random.Random(seed + 1)
+    for spk in longer[count:]:
+        if any((t.engine, t.voice, t.variant) == (spk.engine, spk.voice, spk.variant)
+               and abs(t.pitch - spk.pitch) < TEST_VOICE_MARGIN for t in tests):
+            continue
+        spk = replace(spk, split="train")
+        planned.append((spk, draw(spk, [("train", kept), ("dev", plan.dev_utts)], extra_rng)))
+    return planned
+
+
 def build_corpus(out: str | Path, size: str = "tiny", seed: int = 0, num_jobs: int = 1) -> dict:
     """Build the corpus under `out`; returns the build report (also written to out/report.json)."""
     if size not in SIZES:
@@ -171,26 +226,8 @@ def build_corpus(out: str | Path, size: str = "tiny", seed: int = 0, num_jobs: i
         raise CosyError("sox is not installed (tools/setup.sh installs it)")
     start = time.time()
     out = _prepare_out(Path(out))
-    plan = SIZES[size]
-    rng = random.Random(seed)
-    speakers = plan_speakers(plan.train_speakers + plan.test_speakers, plan.test_speakers, available_voices(), rng)
-
-    sentences = collect_sentences()
-    rng.shuffle(sentences)
-    ids = {s: i for i, s in enumerate(sorted(sentences))}
-    n_dev = max(plan.dev_utts, len(sentences) // 20)
-    n_test = max(plan.test_utts, len(sentences) // 20)
-    pools = {"dev": sentences[:n_dev], "test": sentences[n_dev:n_dev + n_test], "train": sentences[n_dev + n_test:]}
-    if len(pools["train"]) < plan.train_utts:
-        raise CosyError(f"only {len(sentences)} usable sentences under {FORTUNE_DIR}; size {size!r} needs more "
-                        "(install the fortunes package)")
-
-    jobs = []
-    for spk in speakers:
-        wanted = [("test", plan.test_utts)] if spk.split == "test" else [("train", plan.train_utts),
-                                                                          ("dev", plan.dev_utts)]
-        lines = [(split, f"{spk.id}-{ids[s]:05d}", s) for split, n in wanted for s in rng.sample(pools[split], n)]
-        jobs.append((spk, lines, out / "wavs" / spk.id))
+    planned = plan_corpus(SIZES[size], seed, available_voices(), collect_sentences())
+    jobs = [(spk, lines, out / "wavs" / spk.id) for spk, lines in planned]
     # Threads suffice: the engines and sox run as child processes.
     with ThreadPoolExecutor(num_jobs) as pool:
         results = list(pool.map(lambda job: render_speaker(*job), jobs))
@@ -206,6 +243,7 @@ def build_corpus(out: str | Path, size: str = "tiny", seed: int = 0, num_jobs: i
     for name, data in splits.items():
         data.save(out / name)
 
+    speakers = [spk for spk, _ in planned]
     kept_speakers = {s for data in splits.values() for s in data.utt2spk.values()}
     (out / "speakers.json").write_text(json.dumps([asdict(s) for s in speakers], indent=1) + "\n")
     hours = sum(sum(d.utt2dur.values()) for d in splits.values()) / 3600

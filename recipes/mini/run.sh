@@ -15,7 +15,8 @@ set -euo pipefail
 
 stage=0
 stop_stage=10
-size=tiny            # tiny | default: the corpus size and the configs CONF/<model>_<size>.yaml
+size=tiny            # tiny | default | wide: the corpus size and the configs CONF/<model>_<size>.yaml
+                     # (wide: the test set and hours of default, twice its training voices; default's configs)
 dir=""               # output folder (default exp/mini_<size>)
 conf=""              # config folder (default: this recipe's conf/)
 data=""              # an existing folder of train/ dev/ test/ data dirs instead of the corpus (start at stage 1)
@@ -46,11 +47,13 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+config_size=$size
 case "$size" in
   tiny) : "${bpe_size:=400}" ;;
   default) : "${bpe_size:=500}" ;;
+  wide) : "${bpe_size:=500}"; config_size=default ;;
   *) if [ -z "$data" ] || [ -z "$bpe_size" ]; then
-       echo "$0: --size must be tiny or default (other config sizes need --data and --bpe_size), got '$size'" >&2
+       echo "$0: --size must be tiny, default or wide (other config sizes need --data and --bpe_size), got '$size'" >&2
        exit 1
      fi ;;
 esac
@@ -90,7 +93,7 @@ run_stage() { [ "$stage" -le "$1" ] && [ "$stop_stage" -ge "$1" ]; }
 
 train() {  # train MODEL SHARDS [section.key=value ...]: one experiment, resumed if it was started before
   local model=$1 shards=$dir/shards/$2; shift 2
-  local args=(train --config "$conf/${model}_$size.yaml" --train-data "$shards/train/data.list"
+  local args=(train --config "$conf/${model}_$config_size.yaml" --train-data "$shards/train/data.list"
               --cv-data "$shards/dev/data.list" --out "$exp/$model" --resume "$@")
   if [ "$ngpu" -gt 0 ]; then
     torchrun --standalone --nproc_per_node "$ngpu" -m cosy.cli "${args[@]}"
