@@ -58,6 +58,7 @@ def test_tiny_recipe_end_to_end(tiny_run):
     # stage 5 trained its models side by side (the CPU default), each into its own log
     for model in ("llm", "flow", "vocoder"):
         assert "step" in (tiny_run / "exp" / f"{model}.log").read_text(), model
+        assert not (tiny_run / "exp" / f"{model}.status").exists(), "stage 5 leaves no status files"
 
 
 def test_tiny_recipe_ships_a_half_precision_model_evaluated_on_the_example_voices(tiny_run):

@@ -173,6 +173,7 @@ if run_stage 5; then
     # one training per core finishes sooner than three in a row on all cores. The LM is
     # the longest, so it starts first and keeps its slot; with two cores the other slot
     # trains the flow decoder and then the vocoder (RESULTS.md, "Stage 5 on two cores").
+    # Cores the even share leaves over (4 or 5 cores: three slots) go to the LM too.
     # Each one's output goes to exp/<model>.log: three progress bars on one terminal
     # would be unreadable.
     cores=$(nproc)
@@ -184,16 +185,20 @@ if run_stage 5; then
     trap stop_trainings EXIT
     for model in "${models[@]}"; do
       [ "$(jobs -rp | wc -l)" -lt "$slots" ] || wait -n || true
-      log "training $model in the background ($threads thread(s)): $exp/$model.log"
+      n=$threads; [ "$model" != "${models[0]}" ] || n=$(( threads + cores % slots ))
+      log "training $model in the background ($n thread(s)): $exp/$model.log"
       rm -f "$exp/$model.status"
-      ( if OMP_NUM_THREADS=$threads fit "$model" > "$exp/$model.log" 2>&1; then echo 0; else echo 1; fi \
+      # The exit status goes to a file: `wait -n` reaps jobs and their statuses are lost.
+      ( if OMP_NUM_THREADS=$n fit "$model" > "$exp/$model.log" 2>&1; then echo 0; else echo 1; fi \
           > "$exp/$model.status" ) &
     done
     wait
     trap - EXIT
     failed=0
     for model in "${models[@]}"; do
-      if [ "$(cat "$exp/$model.status" 2>/dev/null)" != 0 ]; then
+      status=$(cat "$exp/$model.status" 2>/dev/null || true)
+      rm -f "$exp/$model.status"
+      if [ "$status" != 0 ]; then
         echo "$0: training $model failed; the end of $exp/$model.log:" >&2
         tail -n 20 "$exp/$model.log" >&2
         failed=1
