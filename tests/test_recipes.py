@@ -110,6 +110,10 @@ def test_recipe_options_are_checked(tmp_path):
     assert bad.returncode != 0 and "--bogus" in bad.stderr
     bad = run_script(MINI, "--dir", tmp_path, "--size", "huge")
     assert bad.returncode != 0 and "--size" in bad.stderr
+    (tmp_path / "conf").mkdir()
+    wide = run_script(MINI, "--dir", tmp_path, "--size", "wide", "--conf", tmp_path / "conf", "--stage", "5",
+                      "--stop_stage", "5", "--parallel_train", "false")
+    assert wide.returncode != 0 and "llm_default.yaml" in wide.stderr  # wide trains with default's configs
     bad = run_script(MINI, "--dir", tmp_path, "--parallel_train", "yes")
     assert bad.returncode != 0 and "--parallel_train" in bad.stderr
     bad = run_script(MINI, "--dir", tmp_path, "--parallel_train", "true", "--ngpu", "1")

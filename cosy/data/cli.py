@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     corpus = sub.add_parser("corpus", help="build the synthetic multi-speaker English corpus")
     corpus.add_argument("--size", choices=["tiny", "default", "wide"], default="default",
                         help="tiny: 8 speakers for tests; default: 38 speakers, 10 h; wide: the test set and "
-                             "hours of default with twice its training voices")
+                             "hours of default with about twice its training voices")
     corpus.add_argument("--out", required=True, help="output folder (train/, dev/, test/, wavs/)")
     corpus.add_argument("--seed", type=int, default=0)
     corpus.add_argument("--num-jobs", type=int, default=1, help="speakers rendered in parallel")

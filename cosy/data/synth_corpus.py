@@ -8,8 +8,8 @@ through sox pitch and tempo changes (sox `pitch` also moves the formants, so the
 changes with it); each speaker's recipe is written to DIR/speakers.json.
 
 Splits: train; dev (train speakers, sentences unseen in train); test (unseen speakers
-and unseen sentences: the zero-shot set). Everything is drawn from RNGs seeded by the seed,
-and each speaker is rendered independently, so a seed gives the same corpus whatever the
+and unseen sentences: the zero-shot set). Everything is drawn from seeded RNGs and each
+speaker is rendered independently, so a seed gives the same corpus whatever the
 number of jobs.
 """
 
@@ -196,20 +196,26 @@ def plan_corpus(plan: CorpusSize, seed: int, voices: dict[str, list[tuple[str, s
         wanted = [("test", plan.test_utts)] if spk.split == "test" else [("train", plan.train_utts),
                                                                           ("dev", plan.dev_utts)]
         planned.append((spk, draw(spk, wanted, rng)))
-    kept = plan.kept_train_utts or plan.train_utts
+    kept = plan.train_utts if plan.kept_train_utts is None else plan.kept_train_utts
 
     def keep_part(spk: Speaker, lines: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+        # Seeded by the speaker alone: the lines it picks from already depend on the seed.
         train = sorted((line for line in lines if line[0] == "train"), key=lambda line: line[1])
         return random.Random(spk.id).sample(train, kept) + [line for line in lines if line[0] != "train"]
 
     if kept < plan.train_utts:
         planned = [(spk, keep_part(spk, lines) if spk.split == "train" else lines) for spk, lines in planned]
-    tests = [spk for spk in speakers if spk.split == "test"]
+    if not plan.extra_speakers:
+        return planned
+    # A longer plan from the same seed starts with the same speakers (plan_speakers picks
+    # by index), so its tail continues this one.
     longer = plan_speakers(count + plan.extra_speakers, plan.test_speakers, voices, random.Random(seed))
+    tests = [spk for spk in speakers if spk.split == "test"]
     extra_rng = random.Random(seed + 1)
     for spk in longer[count:]:
+        # Pitches are in tenths of a semitone; compare them so, not in binary floats.
         if any((t.engine, t.voice, t.variant) == (spk.engine, spk.voice, spk.variant)
-               and abs(t.pitch - spk.pitch) < TEST_VOICE_MARGIN for t in tests):
+               and round(10 * abs(t.pitch - spk.pitch)) < 10 * TEST_VOICE_MARGIN for t in tests):
             continue
         spk = replace(spk, split="train")
         planned.append((spk, draw(spk, [("train", kept), ("dev", plan.dev_utts)], extra_rng)))

@@ -16,7 +16,7 @@ set -euo pipefail
 stage=0
 stop_stage=10
 size=tiny            # tiny | default | wide: the corpus size and the configs CONF/<model>_<size>.yaml
-                     # (wide: the test set and hours of default, twice its training voices; default's configs)
+                     # (wide: the test set and hours of default, about twice its training voices; default's configs)
 dir=""               # output folder (default exp/mini_<size>)
 conf=""              # config folder (default: this recipe's conf/)
 data=""              # an existing folder of train/ dev/ test/ data dirs instead of the corpus (start at stage 1)
@@ -173,7 +173,7 @@ if run_stage 5; then
     # one training per core finishes sooner than three in a row on all cores. The LM is
     # the longest, so it starts first and keeps its slot; with two cores the other slot
     # trains the flow decoder and then the vocoder (RESULTS.md, "Stage 5 on two cores").
-    # Cores the even share leaves over (4 or 5 cores: three slots) go to the LM too.
+    # The cores an even share over the slots leaves over (cores % 3 from 4 cores up) go to the LM.
     # Each one's output goes to exp/<model>.log: three progress bars on one terminal
     # would be unreadable.
     cores=$(nproc)
