@@ -173,7 +173,7 @@ if run_stage 5; then
     # one training per core finishes sooner than three in a row on all cores. The LM is
     # the longest, so it starts first and keeps its slot; with two cores the other slot
     # trains the flow decoder and then the vocoder (RESULTS.md, "Stage 5 on two cores").
-    # The cores an even share over the slots leaves over (cores % 3 from 4 cores up) go to the LM.
+    # The cores an even share leaves over (cores % slots: 1 on 4 cores, 2 on 5) go to the LM.
     # Each one's output goes to exp/<model>.log: three progress bars on one terminal
     # would be unreadable.
     cores=$(nproc)
