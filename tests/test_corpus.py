@@ -141,6 +141,8 @@ def test_wide_plan_has_the_default_test_set_and_hours_with_more_voices():
     assert len(lines(wide, "train")) == 150 * train_speakers
     assert 0.95 < len(lines(wide, "train")) / len(default_train) <= 1.0
     assert not set(lines(wide, "train").values()) & set(lines(wide, "test").values())
+    with pytest.raises(CosyError, match="--size needs 300 train sentences"):
+        plan_corpus(SIZES["default"], 0, voices, sentences[:300])
 
 
 def test_silent_engine_output_is_dropped_and_reported(tmp_path):

@@ -185,7 +185,8 @@ def plan_corpus(plan: CorpusSize, seed: int, voices: dict[str, list[tuple[str, s
     n_test = max(plan.test_utts, len(sentences) // 20)
     pools = {"dev": sentences[:n_dev], "test": sentences[n_dev:n_dev + n_test], "train": sentences[n_dev + n_test:]}
     if len(pools["train"]) < plan.train_utts:
-        raise CosyError(f"only {len(sentences)} usable sentences under {FORTUNE_DIR}; the corpus needs more "
+        raise CosyError(f"only {len(sentences)} usable sentences under {FORTUNE_DIR}: --size needs "
+                        f"{plan.train_utts} train sentences per speaker beyond its dev and test pools "
                         "(install the fortunes package)")
 
     def draw(spk: Speaker, wanted: list[tuple[str, int]], draw_rng: random.Random) -> list[tuple[str, str, str]]:
