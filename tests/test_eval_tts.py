@@ -2,6 +2,7 @@ import json
 import shutil
 
 import numpy as np
+import soundfile as sf
 import pytest
 
 from cosy.cli import main
@@ -83,3 +84,31 @@ def test_speaker_means_decide_where_single_outputs_are_ambiguous():
     assert speaker_identification_of_means(data, outputs, reference) == 0.5
     silent = {u: np.zeros(2) for u in outputs}  # judged as no speech: resembles no one
     assert speaker_identification_of_means(data, silent, reference) == 0.0
+
+
+def test_judging_in_two_processes_gives_the_serial_report(tiny_corpus, tmp_path):
+    test = tiny_corpus / "test"
+    data = DataDir.load(test)
+    hyp = _hyp_dir(tmp_path / "copy", data, lambda u: data.utts[(data.utts.index(u) + 1) % len(data.utts)])
+    serial = evaluate(hyp, test, mos=False)
+    assert evaluate(hyp, test, mos=False, num_jobs=2) == serial
+    with pytest.raises(CosyError, match="--num-jobs must be at least 1"):
+        evaluate(hyp, test, mos=False, num_jobs=0)
+
+
+def test_a_silent_recording_is_left_out_of_the_speaker_centroids(tiny_corpus, tmp_path, caplog):
+    test = tmp_path / "test"
+    shutil.copytree(tiny_corpus / "test", test)
+    data = DataDir.load(test)
+    silent = data.utts[0]
+    rate = sf.info(data.wav[silent]).samplerate
+    copy = tmp_path / "silent.wav"
+    sf.write(copy, np.zeros(rate), rate)
+    (test / "wav.scp").write_text("".join(f"{u} {copy if u == silent else data.wav[u]}\n" for u in data.utts))
+    hyp = _hyp_dir(tmp_path / "hyp", DataDir.load(tiny_corpus / "test"), lambda u: u)
+    report = evaluate(hyp, test, mos=False)
+    assert f"recording {silent}: resemblyzer judge: no speech" in caplog.text
+    assert "left out of the speaker centroids" in caplog.text
+    # the silent recording identifies nobody; the real copy of it in the outputs still does
+    assert report["ground_truth"]["spk_id_resemblyzer"] == pytest.approx((len(data.utts) - 1) / len(data.utts))
+    assert report["synthesised"]["spk_id_resemblyzer"] == 1.0

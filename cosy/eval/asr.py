@@ -60,7 +60,7 @@ class LocalWhisper:
             raise CosyError(f"{model_dir} is not a Whisper model directory (no config.json)")
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-        self.name = f"whisper:{model_dir.name}"
+        self.name = recogniser_name(model_dir)
         self._processor = WhisperProcessor.from_pretrained(model_dir, local_files_only=True)
         self._model = WhisperForConditionalGeneration.from_pretrained(model_dir, local_files_only=True).eval()
 
@@ -76,6 +76,11 @@ class LocalWhisper:
 
 def load_recogniser(whisper_dir: str | Path | None = None) -> Recogniser:
     return LocalWhisper(whisper_dir) if whisper_dir else PocketSphinx()
+
+
+def recogniser_name(whisper_dir: str | Path | None = None) -> str:
+    """The name of the recogniser `load_recogniser(whisper_dir)` gives, without loading it."""
+    return f"whisper:{Path(whisper_dir).name}" if whisper_dir else PocketSphinx.name
 
 
 _NUMBERS = {"0": "zero", "1": "one", "2": "two", "3": "three", "4": "four", "5": "five",

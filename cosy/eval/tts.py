@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass, field
+from functools import partial
+from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -29,11 +31,10 @@ from tqdm import tqdm
 from cosy.audio import load_audio
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
-from cosy.eval.asr import load_recogniser, word_error_rate
+from cosy.eval.asr import load_recogniser, recogniser_name, word_error_rate
 from cosy.eval.mos import dnsmos
 from cosy.eval.report import report_prefix, write_report
-from cosy.eval.speaker import (Embedder, embed_or_none, speaker_embedders, speaker_identification,
-                               speaker_identification_of_means)
+from cosy.eval.speaker import speaker_embedders, speaker_identification, speaker_identification_of_means
 
 log = logging.getLogger(__name__)
 
@@ -56,62 +57,117 @@ def read_hypotheses(hyp_dir: Path, data: DataDir) -> tuple[dict[str, Path], dict
     return wavs, prompts
 
 
-def score_system(utts: list[str], get_audio: Callable[[str], tuple[np.ndarray, int]], data: DataDir,
-                 prompts: dict[str, str], asr, embedders: dict[str, Embedder],
-                 reference: dict[str, dict[str, np.ndarray]], mos: bool) -> dict:
-    texts, vectors, quality = [], {name: {} for name in embedders}, []
-    # the vector of an output that resembles no one (missing, or no speech found in it)
-    nobody = {name: np.zeros_like(next(iter(reference[name].values()))) for name in embedders}
-    for utt in tqdm(utts, desc="scoring", unit="utt", disable=None):
+@dataclass
+class Judged:
+    """What the judges made of one wav."""
+
+    text: str = ""
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)  # judges that found no speech are absent
+    mos: float | None = None
+    problems: list[str] = field(default_factory=list)  # an unreadable wav, a judge that heard no speech
+
+
+class Judges:
+    """The independent judges, loaded once per process."""
+
+    def __init__(self, speaker_model: str | None, whisper_dir: str | None, mos: bool) -> None:
+        self.asr = load_recogniser(whisper_dir)
+        self.embedders = speaker_embedders(speaker_model)
+        self.mos = mos
+
+    def judge(self, path: str | Path, listen: bool) -> Judged:
+        """Speaker vectors of the wav; with `listen`, also its transcript and DNSMOS."""
         try:
-            samples, rate = get_audio(utt)
-        except CosyError as err:  # a missing output is scored as silence: every word lost, nobody's voice
-            log.warning("utterance %s: %s; scored as an empty output", utt, err)
-            texts.append("")
-            for name in embedders:
-                vectors[name][utt] = nobody[name]
-            continue
-        texts.append(asr.transcribe(samples, rate))
-        for name, embed in embedders.items():
-            vector = embed_or_none(embed, samples, rate, utt)
-            vectors[name][utt] = nobody[name] if vector is None else vector
-        if mos:
-            quality.append(dnsmos(samples, rate)["ovrl"])
+            samples, rate = load_audio(path)
+        except CosyError as err:
+            return Judged(problems=[f"{err}; scored as no words and nobody's voice"])
+        judged = Judged()
+        for name, embed in self.embedders.items():
+            try:
+                judged.vectors[name] = embed(samples, rate)
+            except CosyError as err:
+                judged.problems.append(f"{err}; scored as a zero {name} vector")
+        if listen:
+            judged.text = self.asr.transcribe(samples, rate)
+            if self.mos:
+                judged.mos = dnsmos(samples, rate)["ovrl"]
+        return judged
+
+
+_worker_judges: Judges | None = None
+
+
+def _start_worker(options: tuple) -> None:
+    global _worker_judges
+    import torch
+
+    # one process per core: a second torch thread in each would only contend
+    torch.set_num_threads(1)
+    _worker_judges = Judges(*options)
+
+
+def _judge_in_worker(task: tuple[str, bool]) -> Judged:
+    return _worker_judges.judge(*task)
+
+
+def judge_all(tasks: list[tuple[str, bool]], options: tuple, num_jobs: int) -> list[Judged]:
+    """`Judges(*options).judge(path, listen)` for each task, in order, in `num_jobs` processes."""
+    progress = partial(tqdm, total=len(tasks), desc="judging", unit="wav", disable=None)
+    if num_jobs == 1:
+        judges = Judges(*options)
+        return [judges.judge(*task) for task in progress(tasks)]
+    with get_context("spawn").Pool(num_jobs, _start_worker, (options,)) as pool:
+        return list(progress(pool.imap(_judge_in_worker, tasks, chunksize=4)))
+
+
+def score_system(utts: list[str], judged: dict[str, Judged], data: DataDir, prompts: dict[str, str],
+                 reference: dict[str, dict[str, np.ndarray]], mos: bool) -> dict:
+    """The metrics of one system from what the judges made of its wav for each of `utts`."""
+    # the vector of an output that resembles no one (unreadable, or no speech found in it)
+    nobody = {name: np.zeros_like(next(iter(vectors.values()))) for name, vectors in reference.items()}
+    texts = [judged[u].text for u in utts]
     out = {"wer": word_error_rate([data.text[u] for u in utts], texts), "hypotheses": dict(zip(utts, texts))}
     if mos:
+        quality = [judged[u].mos for u in utts if judged[u].mos is not None]
         out["dnsmos_ovrl"] = float(np.mean(quality)) if quality else float("nan")
-    for name in embedders:
+    for name in reference:
+        vectors = {u: judged[u].vectors.get(name, nobody[name]) for u in utts}
         if prompts:
-            out[f"sim_{name}"] = float(np.mean([vectors[name][u] @ reference[name][prompts[u]]
+            out[f"sim_{name}"] = float(np.mean([vectors[u] @ reference[name][prompts[u]]
                                                 for u in utts if prompts.get(u) in reference[name]]))
-        out[f"spk_id_{name}"] = speaker_identification(data, vectors[name], reference[name], prompts)
-        out[f"spk_mean_id_{name}"] = speaker_identification_of_means(data, vectors[name], reference[name])
+        out[f"spk_id_{name}"] = speaker_identification(data, vectors, reference[name], prompts)
+        out[f"spk_mean_id_{name}"] = speaker_identification_of_means(data, vectors, reference[name])
     return out
 
 
 def evaluate(hyp_dir: str | Path, data_dir: str | Path, speaker_model: str | None = None,
-             whisper_dir: str | None = None, mos: bool = True) -> dict:
+             whisper_dir: str | None = None, mos: bool = True, num_jobs: int = 1) -> dict:
+    if num_jobs < 1:
+        raise CosyError(f"--num-jobs must be at least 1, got {num_jobs}")
     data = DataDir.load(data_dir)
     hyps, prompts = read_hypotheses(Path(hyp_dir), data)
     utts = sorted(hyps)
-    asr = load_recogniser(whisper_dir)
-    embedders = speaker_embedders(speaker_model)
-    reference: dict[str, dict[str, np.ndarray]] = {name: {} for name in embedders}
-    for utt in tqdm(data.utts, desc="reference speakers", unit="utt", disable=None):
-        try:
-            samples, rate = load_audio(data.wav[utt])
-            vectors = {name: embed(samples, rate) for name, embed in embedders.items()}
-        except CosyError as err:
-            log.warning("reference utterance %s left out of the speaker centroids: %s", utt, err)
-            continue
-        for name, vector in vectors.items():
-            reference[name][utt] = vector
-    common = (data, prompts, asr, embedders, reference, mos)
+    # Every recording is embedded once: for the speaker centroids and, where it is one of
+    # the scored utterances, as the ground-truth system's output.
+    tasks = [(str(data.wav[u]), u in hyps) for u in data.utts] + [(str(hyps[u]), True) for u in utts]
+    results = judge_all(tasks, (speaker_model, whisper_dir, mos), num_jobs)
+    recordings = dict(zip(data.utts, results))
+    outputs = dict(zip(utts, results[len(data.utts):]))
+    for kind, judged_wavs in (("recording", recordings), ("output", outputs)):
+        for utt, judged in judged_wavs.items():
+            for problem in judged.problems:
+                log.warning("%s %s: %s%s", kind, utt, problem,
+                            " and left out of the speaker centroids" if kind == "recording" else "")
+    names = ["resemblyzer"] + (["cosy"] if speaker_model else [])
+    reference = {name: {u: j.vectors[name] for u, j in recordings.items() if name in j.vectors} for name in names}
+    for name, vectors in reference.items():
+        if not vectors:
+            raise CosyError(f"the {name} judge found no speech in any recording of {data.path}")
     return {
         "num_utts": len(utts),
-        "asr": asr.name,
-        "ground_truth": score_system(utts, lambda u: load_audio(data.wav[u]), *common),
-        "synthesised": score_system(utts, lambda u: load_audio(hyps[u]), *common),
+        "asr": recogniser_name(whisper_dir),
+        "ground_truth": score_system(utts, recordings, data, prompts, reference, mos),
+        "synthesised": score_system(utts, outputs, data, prompts, reference, mos),
     }
 
 
@@ -139,12 +195,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speaker", help="cosy speaker model (checkpoint or ONNX) for a second similarity")
     parser.add_argument("--whisper-dir", help="local Hugging Face Whisper dir to use as the ASR")
     parser.add_argument("--no-mos", action="store_true", help="skip DNSMOS (the slowest judge)")
+    parser.add_argument("--num-jobs", type=int, default=1,
+                        help="judge the wavs in this many processes (one per core is fastest)")
     parser.add_argument("--out", help="report prefix (default: HYP_DIR/eval -> eval.md, eval.json)")
 
 
 def run(args: argparse.Namespace) -> int:
     prefix = report_prefix(args.out, Path(args.hyp_dir) / "eval")
-    report = evaluate(args.hyp_dir, args.data, args.speaker, args.whisper_dir, mos=not args.no_mos)
+    report = evaluate(args.hyp_dir, args.data, args.speaker, args.whisper_dir, mos=not args.no_mos,
+                      num_jobs=args.num_jobs)
     table = format_table(report)
     write_report(prefix, report, table)
     print(table)

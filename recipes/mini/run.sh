@@ -20,7 +20,7 @@ size=tiny            # tiny | default | wide: the corpus size and the configs CO
 dir=""               # output folder (default exp/mini_<size>)
 conf=""              # config folder (default: this recipe's conf/)
 data=""              # an existing folder of train/ dev/ test/ data dirs instead of the corpus (start at stage 1)
-nj=2                 # parallel jobs for corpus building, shards and feature extraction
+nj=2                 # parallel jobs for corpus building, shards, feature extraction and the TTS judges
 ngpu=0               # > 0: train under torchrun on that many GPUs, extract on cuda
 speaker_model=""     # a trained speaker model (checkpoint or .onnx): skips speaker training
 seed=0               # corpus seed
@@ -244,7 +244,8 @@ fi
 if run_stage 9; then
   begin 9 "evaluation"
   mkdir -p "$dir/eval"
-  cosy eval tts --hyp-dir "$dir/synth" --data "$data/test" --speaker "$speaker" "${mos_flag[@]}" --out "$dir/eval/tts"
+  cosy eval tts --hyp-dir "$dir/synth" --data "$data/test" --speaker "$speaker" "${mos_flag[@]}" --num-jobs "$nj" \
+    --out "$dir/eval/tts"
   cosy eval tokenizer --data "$data/test" --tokenizer "$exp/tokenizer/model.safetensors" --out "$dir/eval/tokenizer" \
     --device "$device"
   cosy eval speaker --data "$data/test" --speaker "$speaker" --out "$dir/eval/speaker.json" --device "$device" \
@@ -283,6 +284,6 @@ if run_stage 10; then
   cosy synthesize --model-dir "$dir/model_half" --manifest "$dir/voices/manifest.tsv" --out-dir "$dir/voices" \
     --seed 0 --device "$device"
   cosy eval tts --hyp-dir "$dir/voices" --data "$voices" --speaker "$dir/model_half/speaker/model.onnx" \
-    "${mos_flag[@]}" --out "$dir/model_half/eval"
+    "${mos_flag[@]}" --num-jobs "$nj" --out "$dir/model_half/eval"
   end 10 ship
 fi
