@@ -17,8 +17,13 @@ log = logging.getLogger(__name__)
 Embedder = Callable[[np.ndarray, int], np.ndarray]
 
 
+def speaker_judge_names(speaker_model: str | None) -> list[str]:
+    """The names `speaker_embedders(speaker_model)` gives its judges, without loading them."""
+    return ["resemblyzer"] + (["cosy"] if speaker_model else [])
+
+
 def speaker_embedders(speaker_model: str | None) -> dict[str, Embedder]:
-    """name -> function (samples, rate) -> unit speaker vector."""
+    """name -> function (samples, rate) -> unit speaker vector, for each of `speaker_judge_names`."""
     from cosy.speaker.judge import ResemblyzerJudge
 
     judge = ResemblyzerJudge()

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing import get_context
@@ -34,7 +36,8 @@ from cosy.errors import CosyError
 from cosy.eval.asr import load_recogniser, recogniser_name, word_error_rate
 from cosy.eval.mos import dnsmos
 from cosy.eval.report import report_prefix, write_report
-from cosy.eval.speaker import speaker_embedders, speaker_identification, speaker_identification_of_means
+from cosy.eval.speaker import (speaker_embedders, speaker_identification, speaker_identification_of_means,
+                               speaker_judge_names)
 
 log = logging.getLogger(__name__)
 
@@ -70,54 +73,63 @@ class Judged:
 class Judges:
     """The independent judges, loaded once per process."""
 
-    def __init__(self, speaker_model: str | None, whisper_dir: str | None, mos: bool) -> None:
+    def __init__(self, speaker_model: str | None = None, whisper_dir: str | None = None,
+                 with_mos: bool = True) -> None:
         self.asr = load_recogniser(whisper_dir)
         self.embedders = speaker_embedders(speaker_model)
-        self.mos = mos
+        self.with_mos = with_mos
 
     def judge(self, path: str | Path, listen: bool) -> Judged:
         """Speaker vectors of the wav; with `listen`, also its transcript and DNSMOS."""
         try:
             samples, rate = load_audio(path)
         except CosyError as err:
-            return Judged(problems=[f"{err}; scored as no words and nobody's voice"])
+            return Judged(problems=[str(err)])
         judged = Judged()
         for name, embed in self.embedders.items():
             try:
                 judged.vectors[name] = embed(samples, rate)
             except CosyError as err:
-                judged.problems.append(f"{err}; scored as a zero {name} vector")
+                judged.problems.append(str(err))
         if listen:
             judged.text = self.asr.transcribe(samples, rate)
-            if self.mos:
+            if self.with_mos:
                 judged.mos = dnsmos(samples, rate)["ovrl"]
         return judged
 
 
-_worker_judges: Judges | None = None
+_worker_judges: Judges | CosyError | None = None
 
 
-def _start_worker(options: tuple) -> None:
+def _start_worker(make_judges: Callable[[], Judges]) -> None:
     global _worker_judges
     import torch
 
     # one process per core: a second torch thread in each would only contend
     torch.set_num_threads(1)
-    _worker_judges = Judges(*options)
+    try:
+        _worker_judges = make_judges()
+    except CosyError as err:
+        # Raised here it would only kill the worker, and the pool would start another
+        # forever; kept, it reaches the caller with the first result.
+        _worker_judges = err
 
 
-def _judge_in_worker(task: tuple[str, bool]) -> Judged:
-    return _worker_judges.judge(*task)
+def _judge_in_worker(path: str, listen: bool) -> Judged:
+    if isinstance(_worker_judges, CosyError):
+        raise _worker_judges
+    return _worker_judges.judge(path, listen)
 
 
-def judge_all(tasks: list[tuple[str, bool]], options: tuple, num_jobs: int) -> list[Judged]:
-    """`Judges(*options).judge(path, listen)` for each task, in order, in `num_jobs` processes."""
+def judge_all(tasks: list[tuple[str, bool]], make_judges: Callable[[], Judges], num_jobs: int) -> list[Judged]:
+    """`make_judges().judge(path, listen)` for each task, in order, in up to `num_jobs` processes."""
     progress = partial(tqdm, total=len(tasks), desc="judging", unit="wav", disable=None)
-    if num_jobs == 1:
-        judges = Judges(*options)
+    num_jobs = min(num_jobs, len(tasks))
+    if num_jobs <= 1:
+        judges = make_judges()
         return [judges.judge(*task) for task in progress(tasks)]
-    with get_context("spawn").Pool(num_jobs, _start_worker, (options,)) as pool:
-        return list(progress(pool.imap(_judge_in_worker, tasks, chunksize=4)))
+    with ProcessPoolExecutor(num_jobs, get_context("spawn"), _start_worker, (make_judges,)) as pool:
+        return list(progress(pool.map(_judge_in_worker, *zip(*tasks), chunksize=4)))
 
 
 def score_system(utts: list[str], judged: dict[str, Judged], data: DataDir, prompts: dict[str, str],
@@ -150,25 +162,35 @@ def evaluate(hyp_dir: str | Path, data_dir: str | Path, speaker_model: str | Non
     # Every recording is embedded once: for the speaker centroids and, where it is one of
     # the scored utterances, as the ground-truth system's output.
     tasks = [(str(data.wav[u]), u in hyps) for u in data.utts] + [(str(hyps[u]), True) for u in utts]
-    results = judge_all(tasks, (speaker_model, whisper_dir, mos), num_jobs)
+    make_judges = partial(Judges, speaker_model=speaker_model, whisper_dir=whisper_dir, with_mos=mos)
+    results = judge_all(tasks, make_judges, num_jobs)
     recordings = dict(zip(data.utts, results))
     outputs = dict(zip(utts, results[len(data.utts):]))
-    for kind, judged_wavs in (("recording", recordings), ("output", outputs)):
-        for utt, judged in judged_wavs.items():
-            for problem in judged.problems:
-                log.warning("%s %s: %s%s", kind, utt, problem,
-                            " and left out of the speaker centroids" if kind == "recording" else "")
-    names = ["resemblyzer"] + (["cosy"] if speaker_model else [])
-    reference = {name: {u: j.vectors[name] for u, j in recordings.items() if name in j.vectors} for name in names}
+    _log_problems(recordings, outputs)
+    reference = {name: {u: j.vectors[name] for u, j in recordings.items() if name in j.vectors}
+                 for name in speaker_judge_names(speaker_model)}
     for name, vectors in reference.items():
         if not vectors:
-            raise CosyError(f"the {name} judge found no speech in any recording of {data.path}")
+            raise CosyError(f"no recording of {data.path} is usable by the {name} judge "
+                            "(unreadable, or no speech found)")
     return {
         "num_utts": len(utts),
         "asr": recogniser_name(whisper_dir),
         "ground_truth": score_system(utts, recordings, data, prompts, reference, mos),
         "synthesised": score_system(utts, outputs, data, prompts, reference, mos),
     }
+
+
+def _log_problems(recordings: dict[str, Judged], outputs: dict[str, Judged]) -> None:
+    """Warn of each wav a judge could not use, and of what the scores make of it: a judge
+    without a vector or a transcript treats the wav as empty (no words, nobody's voice)."""
+    for utt, judged in recordings.items():
+        scored = " and the ground-truth line scores it as empty" if utt in outputs else ""
+        for problem in judged.problems:
+            log.warning("recording %s: %s; left out of the speaker centroids%s", utt, problem, scored)
+    for utt, judged in outputs.items():
+        for problem in judged.problems:
+            log.warning("output %s: %s; scored as empty", utt, problem)
 
 
 METRICS = [("wer", "WER (%)", 100.0), ("sim_resemblyzer", "SIM resemblyzer", 1.0), ("sim_cosy", "SIM cosy", 1.0),
@@ -196,7 +218,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--whisper-dir", help="local Hugging Face Whisper dir to use as the ASR")
     parser.add_argument("--no-mos", action="store_true", help="skip DNSMOS (the slowest judge)")
     parser.add_argument("--num-jobs", type=int, default=1,
-                        help="judge the wavs in this many processes (one per core is fastest)")
+                        help="judge the wavs in this many processes (at most one per core)")
     parser.add_argument("--out", help="report prefix (default: HYP_DIR/eval -> eval.md, eval.json)")
 
 
