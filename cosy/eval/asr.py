@@ -46,7 +46,7 @@ class PocketSphinx:
         # utterance to the next even with batch CMN (a tenth of the transcripts of a test
         # set changed with the order they were decoded in), and a transcript must not
         # depend on which other wavs a process judged before it.
-        # Batch CMN normalises each utterance on its own, as a whole file allows.
+        # Batch CMN: a whole file is at hand, so each utterance is normalised by its own mean.
         decoder = self._decoder_class(samprate=ASR_SAMPLE_RATE, cmn="batch", loglevel="FATAL")
         decoder.start_utt()
         decoder.process_raw((pcm * 32767).astype(np.int16).tobytes(), full_utt=True)
