@@ -1,10 +1,13 @@
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 from cosy.eval.asr import PocketSphinx, normalise_for_wer, word_error_rate
+
+EXAMPLE_VOICE = Path(__file__).resolve().parents[1] / "examples" / "voices" / "wavs" / "spk030-00270.flac"
 
 
 def test_normalisation_for_wer():
@@ -30,6 +33,16 @@ def test_pocketsphinx_recognises_clear_synthetic_speech(tmp_path):
     # noise is not speech: the judge must not hallucinate the sentence
     noise = np.random.default_rng(0).normal(0, 0.05, rate * 2).astype(np.float32)
     assert word_error_rate([text], [PocketSphinx().transcribe(noise, rate)]) >= 0.75
+
+
+def test_pocketsphinx_transcript_does_not_depend_on_what_it_judged_before():
+    # One pocketsphinx decoder carries state from one utterance to the next: decoding this
+    # recording twice with the same decoder gives two different transcripts.
+    samples, rate = sf.read(EXAMPLE_VOICE, dtype="float32")
+    judge = PocketSphinx()
+    first = judge.transcribe(samples, rate)
+    assert first
+    assert judge.transcribe(samples, rate) == first
 
 
 def test_dnsmos_prefers_speech_to_noise(tmp_path):
