@@ -8,7 +8,7 @@ import pytest
 from cosy.cli import main
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
-from cosy.eval.speaker import speaker_identification, speaker_identification_of_means
+from cosy.eval.speaker import nearest_speakers, nearest_speakers_of_means, speaker_identification
 from cosy.eval.tts import evaluate
 
 
@@ -35,7 +35,11 @@ def test_copies_of_the_recordings_score_like_the_recordings(tiny_corpus, tmp_pat
     assert synth["wer"] == truth["wer"] and synth["hypotheses"] == truth["hypotheses"]
     assert synth["sim_resemblyzer"] == pytest.approx(truth["sim_resemblyzer"], abs=1e-6)
     assert synth["spk_id_resemblyzer"] == 1.0 and synth["spk_mean_id_resemblyzer"] == 1.0
-    assert "| synthesised |" in (out.parent / "copy.v2.md").read_text()
+    table = (out.parent / "copy.v2.md").read_text()
+    assert "| synthesised |" in table
+    for spk, row in synth["per_speaker"].items():
+        assert row["closest_resemblyzer"] == spk and row["spk_id_resemblyzer"] == 1.0
+        assert f"| {spk} | {row['utterances']} | {row['sim_resemblyzer']:.2f} | 100.00 | {spk} |" in table
 
 
 def test_wrong_voices_are_caught_by_the_speaker_judges(tiny_corpus, tmp_path):
@@ -48,6 +52,12 @@ def test_wrong_voices_are_caught_by_the_speaker_judges(tiny_corpus, tmp_path):
     assert report["synthesised"]["spk_id_resemblyzer"] == 0.0
     assert report["synthesised"]["spk_mean_id_resemblyzer"] == 0.0
     assert report["synthesised"]["sim_resemblyzer"] < report["ground_truth"]["sim_resemblyzer"] - 0.05
+    # by speaker: each speaker's outputs are taken for the other speaker
+    per_speaker = report["synthesised"]["per_speaker"]
+    assert {spk: row["closest_resemblyzer"] for spk, row in per_speaker.items()} == dict(zip(speakers, speakers[::-1]))
+    assert all(row["spk_id_resemblyzer"] == 0.0 for row in per_speaker.values())
+    assert sum(row["utterances"] for row in per_speaker.values()) == len(data.utts)
+    assert report["ground_truth"]["per_speaker"][speakers[0]]["closest_resemblyzer"] == speakers[0]
 
 
 def test_bad_hypothesis_dirs_are_named(tiny_corpus, tmp_path):
@@ -80,10 +90,12 @@ def test_speaker_means_decide_where_single_outputs_are_ambiguous():
                    utt2spk={"a1": "a", "a2": "a", "b1": "b", "b2": "b"})
     reference = {"a1": unit([1, 0]), "a2": unit([1, 0]), "b1": unit([0, 1]), "b2": unit([0, 1])}
     outputs = {"a1": unit([1, 0.1]), "a2": unit([0.9, 1]), "b1": unit([1, 0.2]), "b2": unit([1, 0.3])}
+    assert nearest_speakers(data, outputs, reference, {}) == {"a1": "a", "a2": "b", "b1": "a", "b2": "a"}
     assert speaker_identification(data, outputs, reference, {}) == 0.25
-    assert speaker_identification_of_means(data, outputs, reference) == 0.5
+    assert nearest_speakers_of_means(data, outputs, reference) == {"a": "a", "b": "a"}
     silent = {u: np.zeros(2) for u in outputs}  # judged as no speech: resembles no one
-    assert speaker_identification_of_means(data, silent, reference) == 0.0
+    assert nearest_speakers_of_means(data, silent, reference) == {"a": None, "b": None}
+    assert speaker_identification(data, silent, reference, {}) == 0.0
 
 
 def test_judging_in_two_processes_gives_the_serial_report(tiny_corpus, tmp_path):
@@ -97,6 +109,11 @@ def test_judging_in_two_processes_gives_the_serial_report(tiny_corpus, tmp_path)
         numbers, ours = dict(serial[system]), dict(parallel[system])
         assert ours.pop("hypotheses") == numbers.pop("hypotheses")
         # one torch thread per worker may round differently from the serial run's several
+        by_speaker = ours.pop("per_speaker")
+        for spk, row in numbers.pop("per_speaker").items():
+            names = [key for key in row if key.startswith("closest_")]
+            assert [by_speaker[spk].pop(key) for key in names] == [row.pop(key) for key in names]
+            assert by_speaker[spk] == pytest.approx(row, abs=1e-6)
         assert ours == pytest.approx(numbers, abs=1e-6)
     with pytest.raises(CosyError, match="--num-jobs must be at least 1"):
         evaluate(hyp, test, mos=False, num_jobs=0)

@@ -65,32 +65,37 @@ def _nearest_speaker(vector: np.ndarray, data: DataDir, reference: dict[str, np.
     return max(scores, key=scores.get)
 
 
-def speaker_identification(data: DataDir, embeddings: dict[str, np.ndarray],
-                           reference: dict[str, np.ndarray], exclude: dict[str, str]) -> float:
-    """Share of utterances whose vector is closest to their own speaker's centroid.
+def nearest_speakers(data: DataDir, embeddings: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                     exclude: dict[str, str]) -> dict[str, str | None]:
+    """utt -> the speaker whose centroid is nearest the utterance's vector.
 
     Centroids come from the data dir's recordings (`reference`), leaving out the
     utterance itself and the prompt it was made from, so the prompt cannot vote.
-    A zero vector (a judge found no speech) identifies nobody.
+    A zero vector (a judge found no speech) is nearest nobody (None).
     """
-    return float(np.mean([bool(vector.any()) and _nearest_speaker(vector, data, reference, {utt, exclude.get(utt)})
-                          == data.utt2spk[utt] for utt, vector in embeddings.items()]))
+    return {utt: _nearest_speaker(vector, data, reference, {utt, exclude.get(utt)}) if vector.any() else None
+            for utt, vector in embeddings.items()}
 
 
-def speaker_identification_of_means(data: DataDir, embeddings: dict[str, np.ndarray],
-                                    reference: dict[str, np.ndarray]) -> float:
-    """Share of speakers whose outputs are, on average, more similar to their own speaker
-    than to any other speaker of the data dir.
+def nearest_speakers_of_means(data: DataDir, embeddings: dict[str, np.ndarray],
+                              reference: dict[str, np.ndarray]) -> dict[str, str | None]:
+    """speaker -> the speaker their outputs are, on average, most similar to.
 
     Each vector is a unit vector, so the mean cosine of a speaker's outputs to a unit
-    centroid is the dot product of their mean vector with it: this is speaker ID of each
-    speaker's mean output vector, against the centroids of all recordings.
+    centroid is the dot product of their mean vector with it: this is the nearest
+    speaker of each speaker's mean output vector, against the centroids of all recordings.
     """
     by_speaker: dict[str, list[np.ndarray]] = {}
     for utt, vector in embeddings.items():
         by_speaker.setdefault(data.utt2spk[utt], []).append(vector)
-    hits = []
-    for spk, vectors in by_speaker.items():
-        mean = np.mean(vectors, axis=0)
-        hits.append(bool(mean.any()) and _nearest_speaker(mean, data, reference, set()) == spk)
-    return float(np.mean(hits))
+    means = {spk: np.mean(vectors, axis=0) for spk, vectors in by_speaker.items()}
+    return {spk: _nearest_speaker(mean, data, reference, set()) if mean.any() else None
+            for spk, mean in means.items()}
+
+
+def speaker_identification(data: DataDir, embeddings: dict[str, np.ndarray],
+                           reference: dict[str, np.ndarray], exclude: dict[str, str]) -> float:
+    """Share of utterances whose vector is closest to their own speaker's centroid
+    (`nearest_speakers`)."""
+    nearest = nearest_speakers(data, embeddings, reference, exclude)
+    return float(np.mean([spk == data.utt2spk[utt] for utt, spk in nearest.items()]))

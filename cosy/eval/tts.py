@@ -14,6 +14,9 @@ reference line a system should approach:
   and, per speaker, whether their outputs are on average closer to their own speaker than
   to any other (the share of speakers for whom that holds);
 * DNSMOS overall quality (speechmos).
+
+The speaker metrics are also given by speaker, with the speaker each one's outputs
+resemble most on average.
 """
 
 from __future__ import annotations
@@ -36,8 +39,7 @@ from cosy.errors import CosyError
 from cosy.eval.asr import load_recogniser, recogniser_name, word_error_rate
 from cosy.eval.mos import dnsmos
 from cosy.eval.report import report_prefix, write_report
-from cosy.eval.speaker import (speaker_embedders, speaker_identification, speaker_identification_of_means,
-                               speaker_judge_names)
+from cosy.eval.speaker import nearest_speakers, nearest_speakers_of_means, speaker_embedders, speaker_judge_names
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +136,8 @@ def judge_all(tasks: list[tuple[str, bool]], make_judges: Callable[[], Judges], 
 
 def score_system(utts: list[str], judged: dict[str, Judged], data: DataDir, prompts: dict[str, str],
                  reference: dict[str, dict[str, np.ndarray]], mos: bool) -> dict:
-    """The metrics of one system from what the judges made of its wav for each of `utts`."""
+    """The metrics of one system from what the judges made of its wav for each of `utts`;
+    under "per_speaker", the speaker metrics of each speaker's outputs."""
     # the vector of an output that resembles no one (unreadable, or no speech found in it)
     nobody = {name: np.zeros_like(next(iter(vectors.values()))) for name, vectors in reference.items()}
     texts = [judged[u].text for u in utts]
@@ -142,14 +145,34 @@ def score_system(utts: list[str], judged: dict[str, Judged], data: DataDir, prom
     if mos:
         quality = [judged[u].mos for u in utts if judged[u].mos is not None]
         out["dnsmos_ovrl"] = float(np.mean(quality)) if quality else float("nan")
+    speakers: dict[str, list[str]] = {}
+    for utt in utts:
+        speakers.setdefault(data.utt2spk[utt], []).append(utt)
+    per_speaker = {spk: {"utterances": len(members)} for spk, members in speakers.items()}
     for name in reference:
         vectors = {u: judged[u].vectors.get(name, nobody[name]) for u in utts}
+        similarity = {u: float(vectors[u] @ reference[name][prompts[u]])
+                      for u in utts if prompts.get(u) in reference[name]}
+        identified = {u: spk == data.utt2spk[u]
+                      for u, spk in nearest_speakers(data, vectors, reference[name], prompts).items()}
+        closest = nearest_speakers_of_means(data, vectors, reference[name])
         if prompts:
-            out[f"sim_{name}"] = float(np.mean([vectors[u] @ reference[name][prompts[u]]
-                                                for u in utts if prompts.get(u) in reference[name]]))
-        out[f"spk_id_{name}"] = speaker_identification(data, vectors, reference[name], prompts)
-        out[f"spk_mean_id_{name}"] = speaker_identification_of_means(data, vectors, reference[name])
+            out[f"sim_{name}"] = _mean(similarity.values())
+        out[f"spk_id_{name}"] = _mean(identified.values())
+        out[f"spk_mean_id_{name}"] = _mean(spk == near for spk, near in closest.items())
+        for spk, members in speakers.items():
+            row = per_speaker[spk]
+            if prompts:
+                row[f"sim_{name}"] = _mean(similarity[u] for u in members if u in similarity)
+            row[f"spk_id_{name}"] = _mean(identified[u] for u in members)
+            row[f"closest_{name}"] = closest[spk]
+    out["per_speaker"] = per_speaker
     return out
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return float(np.mean(values)) if values else float("nan")
 
 
 def evaluate(hyp_dir: str | Path, data_dir: str | Path, speaker_model: str | None = None,
@@ -208,6 +231,30 @@ def format_table(report: dict) -> str:
         values = report[system]
         lines.append(f"| {system.replace('_', ' ')} | "
                      + " | ".join(f"{values[key] * scale:.2f}" for key, _, scale in rows) + " |")
+    return "\n".join(lines) + "\n\n" + format_per_speaker(report["synthesised"]["per_speaker"])
+
+
+# per-speaker columns: key prefix -> (label, scale); the rest of the key, a judge's name, completes the label
+PER_SPEAKER_COLUMNS = {"sim_": ("SIM {}", 1.0), "spk_id_": ("speaker ID {} (%)", 100.0),
+                       "closest_": ("closest on average, {}", None)}
+
+
+def format_per_speaker(per_speaker: dict[str, dict]) -> str:
+    """The synthesised system's speaker metrics by speaker; "closest on average" names the
+    speaker whose recordings a speaker's outputs resemble most on average (their own name
+    where the voice is kept)."""
+    columns = []  # (key, label, scale; None for a speaker's name)
+    for key in next(iter(per_speaker.values())):
+        for prefix, (label, scale) in PER_SPEAKER_COLUMNS.items():
+            if key.startswith(prefix):
+                columns.append((key, label.format(key[len(prefix):]), scale))
+    lines = ["Synthesised, by speaker:", "",
+             "| speaker | utterances | " + " | ".join(label for _, label, _ in columns) + " |",
+             "| --- | ---: |" + "".join(" --- |" if scale is None else " ---: |" for _, _, scale in columns)]
+    for spk, row in per_speaker.items():
+        cells = [str(row[key] or "nobody") if scale is None else f"{row[key] * scale:.2f}"
+                 for key, _, scale in columns]
+        lines.append(f"| {spk} | {row['utterances']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
