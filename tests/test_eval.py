@@ -36,8 +36,9 @@ def test_pocketsphinx_recognises_clear_synthetic_speech(tmp_path):
 
 
 def test_pocketsphinx_transcript_does_not_depend_on_what_it_judged_before():
-    # One pocketsphinx decoder carries state from one utterance to the next: decoding this
-    # recording twice with the same decoder gives two different transcripts.
+    # A pocketsphinx decoder carries state from one utterance to the next: with one decoder
+    # shared between utterances, decoding this recording twice gave two different
+    # transcripts, so `transcribe` must start afresh each time.
     samples, rate = sf.read(EXAMPLE_VOICE, dtype="float32")
     judge = PocketSphinx()
     first = judge.transcribe(samples, rate)

@@ -79,11 +79,13 @@ def nearest_speakers(data: DataDir, embeddings: dict[str, np.ndarray], reference
 
 def nearest_speakers_of_means(data: DataDir, embeddings: dict[str, np.ndarray],
                               reference: dict[str, np.ndarray]) -> dict[str, str | None]:
-    """speaker -> the speaker their outputs are, on average, most similar to.
+    """speaker -> the speaker their outputs are, on average, most similar to; None where
+    no judge found speech in any of their outputs.
 
-    Each vector is a unit vector, so the mean cosine of a speaker's outputs to a unit
-    centroid is the dot product of their mean vector with it: this is the nearest
-    speaker of each speaker's mean output vector, against the centroids of all recordings.
+    Each vector is a unit vector (or zero: resembles no one, cosine 0), so the mean cosine
+    of a speaker's outputs to a unit centroid is the dot product of their mean vector with
+    it: this is the nearest speaker of each speaker's mean output vector, against the
+    centroids of all recordings.
     """
     by_speaker: dict[str, list[np.ndarray]] = {}
     for utt, vector in embeddings.items():

@@ -15,8 +15,8 @@ reference line a system should approach:
   to any other (the share of speakers for whom that holds);
 * DNSMOS overall quality (speechmos).
 
-The speaker metrics are also given by speaker, with the speaker each one's outputs
-resemble most on average.
+The speaker metrics are also given by speaker, with the speaker of the data dir whose
+recordings each one's outputs resemble most on average.
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ def score_system(utts: list[str], judged: dict[str, Judged], data: DataDir, prom
 
 
 def _mean(values) -> float:
+    """NaN for no values (a speaker without a usable prompt), without numpy's warning."""
     values = list(values)
     return float(np.mean(values)) if values else float("nan")
 
@@ -219,6 +220,7 @@ def _log_problems(recordings: dict[str, Judged], outputs: dict[str, Judged]) -> 
 METRICS = [("wer", "WER (%)", 100.0), ("sim_resemblyzer", "SIM resemblyzer", 1.0), ("sim_cosy", "SIM cosy", 1.0),
            ("spk_id_resemblyzer", "speaker ID resemblyzer (%)", 100.0), ("spk_id_cosy", "speaker ID cosy (%)", 100.0),
            ("spk_mean_id_resemblyzer", "speakers closest to own voice on average, resemblyzer (%)", 100.0),
+           ("spk_mean_id_cosy", "speakers closest to own voice on average, cosy (%)", 100.0),
            ("dnsmos_ovrl", "DNSMOS OVRL", 1.0)]
 
 
@@ -241,8 +243,9 @@ PER_SPEAKER_COLUMNS = {"sim_": ("SIM {}", 1.0), "spk_id_": ("speaker ID {} (%)",
 
 def format_per_speaker(per_speaker: dict[str, dict]) -> str:
     """The synthesised system's speaker metrics by speaker; "closest on average" names the
-    speaker whose recordings a speaker's outputs resemble most on average (their own name
-    where the voice is kept)."""
+    speaker of the data dir whose recordings a speaker's outputs resemble most on average
+    (their own name where the voice is kept). `per_speaker` is never empty: `evaluate`
+    refuses a hypothesis dir without outputs."""
     columns = []  # (key, label, scale; None for a speaker's name)
     for key in next(iter(per_speaker.values())):
         for prefix, (label, scale) in PER_SPEAKER_COLUMNS.items():
