@@ -143,8 +143,7 @@ def score_system(utts: list[str], judged: dict[str, Judged], data: DataDir, prom
     texts = [judged[u].text for u in utts]
     out = {"wer": word_error_rate([data.text[u] for u in utts], texts), "hypotheses": dict(zip(utts, texts))}
     if mos:
-        quality = [judged[u].mos for u in utts if judged[u].mos is not None]
-        out["dnsmos_ovrl"] = float(np.mean(quality)) if quality else float("nan")
+        out["dnsmos_ovrl"] = _mean(judged[u].mos for u in utts if judged[u].mos is not None)
     speakers: dict[str, list[str]] = {}
     for utt in utts:
         speakers.setdefault(data.utt2spk[utt], []).append(utt)
@@ -171,7 +170,8 @@ def score_system(utts: list[str], judged: dict[str, Judged], data: DataDir, prom
 
 
 def _mean(values) -> float:
-    """NaN for no values (a speaker without a usable prompt), without numpy's warning."""
+    """NaN for no values (no DNSMOS score, a speaker without a usable prompt), without
+    numpy's warning."""
     values = list(values)
     return float(np.mean(values)) if values else float("nan")
 
