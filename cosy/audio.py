@@ -13,6 +13,7 @@ Filterbanks and windows are built once per config, device and dtype.
 from __future__ import annotations
 
 import functools
+import math
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,6 +105,15 @@ class WhisperMelConfig:
     n_mels: int = 128
     dynamic_range: float = 8.0  # in log10 units: 80 dB below the utterance's peak
 
+    # Whisper's filterbank spans the whole band; these let `warp_mel` take either config.
+    @property
+    def fmin(self) -> float:
+        return 0.0
+
+    @property
+    def fmax(self) -> float:
+        return self.sample_rate / 2
+
 
 @dataclass(frozen=True)
 class FbankConfig:
@@ -140,7 +150,7 @@ def mel_frames(num_samples: int | torch.Tensor, cfg: MelConfig) -> int | torch.T
     return num_samples // cfg.hop_length + (1 if cfg.center else 0)
 
 
-def warp_mel(mel: torch.Tensor, factors: torch.Tensor, cfg: MelConfig) -> torch.Tensor:
+def warp_mel(mel: torch.Tensor, factors: torch.Tensor, cfg: MelConfig | WhisperMelConfig) -> torch.Tensor:
     """Scale the frequency axis of log mels `(batch, n_mels, frames)` by `factors` `(batch,)`.
 
     Bin k takes the value found at its centre frequency / factor (linear between bin
@@ -158,6 +168,36 @@ def warp_mel(mel: torch.Tensor, factors: torch.Tensor, cfg: MelConfig) -> torch.
     below = mel.gather(1, lower[:, :, None].expand(-1, -1, frames))
     above = mel.gather(1, upper[:, :, None].expand(-1, -1, frames))
     return below + frac[:, :, None] * (above - below)
+
+
+@dataclass
+class FrequencyWarpConfig:
+    """Training augmentation: with probability `prob` an item's log mel has its frequency
+    axis scaled by a factor drawn log-uniformly from [1 / max_factor, max_factor]
+    (`warp_mel`: pitch and formants move together), so the same words and tokens also come
+    in voices the corpus does not have. Off by default."""
+
+    prob: float = 0.0
+    max_factor: float = 1.25
+
+    def check(self, key: str) -> None:
+        if not (0.0 <= self.prob <= 1.0 and self.max_factor >= 1.0):
+            raise CosyError(f"{key}.prob must be in [0, 1] and {key}.max_factor at least 1, got "
+                            f"{self.prob} and {self.max_factor}")
+
+
+def random_warp(mel: torch.Tensor, warp: FrequencyWarpConfig,
+                cfg: MelConfig | WhisperMelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """`warp` applied to a random share of the log mels `(batch, n_mels, frames)` ->
+    (mel, which items were warped `(batch,)` bool); `mel` itself when none was drawn."""
+    b = mel.shape[0]
+    chosen = torch.rand(b, device=mel.device) < warp.prob if warp.prob > 0 else \
+        torch.zeros(b, dtype=torch.bool, device=mel.device)
+    if not bool(chosen.any()):
+        return mel, chosen
+    log_factor = (2 * torch.rand(b, device=mel.device) - 1) * math.log(warp.max_factor)
+    factors = torch.where(chosen, log_factor.exp(), torch.ones_like(log_factor))
+    return warp_mel(mel, factors, cfg), chosen
 
 
 def mel_spectrogram(wave: torch.Tensor, cfg: MelConfig, lengths: torch.Tensor | None = None) -> torch.Tensor:

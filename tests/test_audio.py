@@ -102,9 +102,12 @@ def _harmonics(f0: float, seconds: float, rate: int, formant: float) -> np.ndarr
     return (0.1 * (gains[:, None] * np.sin(2 * np.pi * f0 * k[:, None] * t[None])).sum(0)).astype(np.float32)
 
 
-def test_warp_mel_moves_pitch_and_formant_by_the_factor() -> None:
-    cfg = MelConfig.v1()
-    low, high = (mel_spectrogram(torch.from_numpy(_harmonics(f0, 0.5, cfg.sample_rate, formant))[None], cfg)
+# Whisper's 25 ms window resolves these harmonics less sharply, so less of the distance goes.
+@pytest.mark.parametrize("cfg, mel_of, share", [(MelConfig.v1(), mel_spectrogram, 0.4),
+                                                (WhisperMelConfig(), whisper_log_mel, 0.6)],
+                         ids=["flow-mel", "whisper-log-mel"])
+def test_warp_mel_moves_pitch_and_formant_by_the_factor(cfg, mel_of, share) -> None:
+    low, high = (mel_of(torch.from_numpy(_harmonics(f0, 0.5, cfg.sample_rate, formant))[None], cfg)
                  for f0, formant in ((160.0, 800.0), (200.0, 1000.0)))
     warped = warp_mel(torch.cat([low, low]), torch.tensor([1.25, 1.0]), cfg)
     torch.testing.assert_close(warped[1], low[0])  # a factor of 1 changes nothing
@@ -117,9 +120,9 @@ def test_warp_mel_moves_pitch_and_formant_by_the_factor() -> None:
         return float((profile(a) - profile(b)).abs().mean())
 
     # the 160 Hz voice scaled by 1.25 lands on the 200 Hz voice, and scaled by 0.8 back again
-    assert distance(warped[0], high[0]) < 0.4 * distance(low[0], high[0])
+    assert distance(warped[0], high[0]) < share * distance(low[0], high[0])
     restored = warp_mel(warped[:1], torch.tensor([0.8]), cfg)[0]
-    assert distance(restored, low[0]) < 0.4 * distance(warped[0], low[0])
+    assert distance(restored, low[0]) < share * distance(warped[0], low[0])
     padding = torch.full((1, cfg.n_mels, 3), math.log(1e-5))
     torch.testing.assert_close(warp_mel(padding, torch.tensor([1.2]), cfg), padding)
 

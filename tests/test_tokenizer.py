@@ -178,6 +178,24 @@ def test_config_errors_name_the_key():
     model = tiny_model(max_seconds=0.5)
     with pytest.raises(CosyError, match="50 frames"):
         model.tokenize(*random_feats([51]))
+    with pytest.raises(CosyError, match="model.warp.prob"):
+        tiny_model(warp={"prob": 2.0})
+
+
+def test_frequency_warp_changes_training_losses_only():
+    feats, lengths = random_feats([90, 61])
+    batch = {"feats": feats, "feats_lengths": lengths,
+             "text_ids": torch.tensor([[5, 6, 7, 8], [9, 10, -1, -1]]), "text_lengths": torch.tensor([4, 2])}
+    plain = tiny_model()  # the same weights in all three
+    off, warped = (tiny_model(warp={"prob": p, "max_factor": 1.3}) for p in (0.0, 1.0))
+
+    def loss(model, train):
+        torch.manual_seed(1)
+        return model.train(train)(batch)["loss"]
+
+    torch.testing.assert_close(loss(warped, False), loss(plain, False))  # validation is never warped
+    torch.testing.assert_close(loss(off, True), loss(plain, True))  # prob 0 draws nothing
+    assert not torch.allclose(loss(warped, True), loss(plain, True))
 
 
 # ------------------------------------------------------------------------------ whisper

@@ -9,14 +9,13 @@ chunked v2-style variant that `FlowStream` decodes chunk by chunk).
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cosy.audio import MelConfig, warp_mel
+from cosy.audio import FrequencyWarpConfig, MelConfig, random_warp
 from cosy.errors import CosyError
 from cosy.flow.cfm import CFMConfig, cfm_loss, euler, guided
 from cosy.flow.estimator import Cache, Conv, Estimator, EstimatorConfig
@@ -28,23 +27,6 @@ from cosy.modules.transformer import Encoder, EncoderConfig
 def _v1_encoder() -> EncoderConfig:
     return EncoderConfig(input_size=512, d_model=512, n_heads=8, ffn_dim=2048, n_layers=6,
                          layer="conformer", pos_enc="rel_pos", input_layer="linear")
-
-
-@dataclass
-class FrequencyWarpConfig:
-    """Training augmentation that makes the decoder take the voice from its prompt.
-
-    Speech tokens of an ASR tokenizer trained briefly still carry much of the voice, so a
-    decoder can learn the training voices from the tokens alone, ignore the prompt, and
-    render an unseen speaker's tokens in the nearest training voice. With probability
-    `prob` an item's mel (target and prompt alike) has its frequency axis scaled by a
-    factor drawn log-uniformly from [1 / max_factor, max_factor] (`cosy.audio.warp_mel`:
-    pitch and formants move together), and that item always gets the longest prompt
-    (`cfm.prompt_max`): the same tokens then stand for voices that only the prompt shows.
-    """
-
-    prob: float = 0.0
-    max_factor: float = 1.25
 
 
 @dataclass
@@ -67,6 +49,10 @@ class FlowConfig:
     edge_tokens: int = 20  # targets over 2x this many tokens get their ends stretched alone
     estimator: EstimatorConfig = field(default_factory=EstimatorConfig)
     cfm: CFMConfig = field(default_factory=CFMConfig)
+    # Tokens of an ASR tokenizer trained briefly still carry much of the voice, so a decoder
+    # can learn the training voices from the tokens alone and render an unseen speaker in
+    # the nearest one. Warped items (target and prompt alike) always get the longest prompt
+    # (`cfm.prompt_max`): the same tokens then stand for voices that only the prompt shows.
     warp: FrequencyWarpConfig = field(default_factory=FrequencyWarpConfig)
     causal: bool = False
     chunk_tokens: int = 25
@@ -122,9 +108,7 @@ class FlowModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         enc = cfg.encoder
-        if not (0.0 <= cfg.warp.prob <= 1.0 and cfg.warp.max_factor >= 1.0):
-            raise CosyError(f"model.warp.prob must be in [0, 1] and model.warp.max_factor at least 1, got "
-                            f"{cfg.warp.prob} and {cfg.warp.max_factor}")
+        cfg.warp.check("model.warp")
         cfm = cfg.cfm
         if min(cfm.cfg_dropout, cfm.voice_dropout) < 0 or cfm.cfg_dropout + cfm.voice_dropout > 1:
             raise CosyError(f"model.cfm.cfg_dropout and model.cfm.voice_dropout must be at least 0 and sum "
@@ -189,16 +173,10 @@ class FlowModel(nn.Module):
         return {"loss": loss}
 
     def _warp(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`cfg.warp` on a random share of the items -> (mel, which items were warped (batch,))."""
-        b, warp = feat.shape[0], self.cfg.warp
-        chosen = torch.zeros(b, dtype=torch.bool, device=feat.device)
-        if self.training and warp.prob > 0:
-            chosen = torch.rand(b, device=feat.device) < warp.prob
-        if not bool(chosen.any()):
-            return feat, chosen
-        log_factor = (2 * torch.rand(b, device=feat.device) - 1) * math.log(warp.max_factor)
-        factors = torch.where(chosen, log_factor.exp(), torch.ones_like(log_factor))
-        return warp_mel(feat, factors, self.cfg.mel), chosen
+        """`cfg.warp` while training -> (mel, which items were warped (batch,))."""
+        if not self.training:
+            return feat, torch.zeros(feat.shape[0], dtype=torch.bool, device=feat.device)
+        return random_warp(feat, self.cfg.warp, self.cfg.mel)
 
     def _random_prompt(self, feat: torch.Tensor, feat_len: torch.Tensor, forced: torch.Tensor) -> torch.Tensor:
         """A random prefix of up to `prompt_max` of each item's frames, for

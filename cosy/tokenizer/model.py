@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from cosy.audio import WhisperMelConfig, whisper_log_mel
+from cosy.audio import FrequencyWarpConfig, WhisperMelConfig, random_warp, whisper_log_mel
 from cosy.errors import CosyError
 from cosy.modules import Encoder, EncoderConfig, lengths_to_mask
 from cosy.text.bpe import TextTokenizer
@@ -47,6 +47,8 @@ class TokenizerConfig:
     front and first `whisper_layers` layers (50 tokens/s) and `encoder1` is not used. The
     dir is read again whenever the model is built, also to load a trained checkpoint.
     max_seconds: longest audio the model accepts at once (the position tables' limit).
+    warp: frequency-warp augmentation of the training log-mels. The same transcript then
+    comes in more voices, so the ASR loss gives the codes more reason to drop the voice.
     """
 
     mel: WhisperMelConfig = field(default_factory=WhisperMelConfig)
@@ -61,6 +63,7 @@ class TokenizerConfig:
     whisper_path: str | None = None
     whisper_layers: int | None = None
     max_seconds: float = 30.0
+    warp: FrequencyWarpConfig = field(default_factory=FrequencyWarpConfig)
 
 
 def load_text_tokenizer(cfg: TokenizerConfig) -> TextTokenizer:
@@ -78,6 +81,7 @@ class TokenizerModel(nn.Module):
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         self.cfg = cfg
+        cfg.warp.check("model.warp")
         if cfg.vocab_size < 1:
             raise CosyError(f"config key 'model.vocab_size' must be >= 1, got {cfg.vocab_size}")
         if cfg.whisper_path:
@@ -134,7 +138,8 @@ class TokenizerModel(nn.Module):
         """batch: feats (batch, n_mels, frames), feats_lengths, text_ids (batch, L) padded
         with -1, text_lengths -> loss terms."""
         self._check_length(batch["feats"])
-        x, lengths = self.encode(batch["feats"], batch["feats_lengths"])
+        feats = random_warp(batch["feats"], self.cfg.warp, self.cfg.mel)[0] if self.training else batch["feats"]
+        x, lengths = self.encode(feats, batch["feats_lengths"])
         mask = lengths_to_mask(lengths, x.shape[1])
         x, _, losses = self.quantizer(x, mask)
         x, lengths = self.encoder2(x, lengths)
