@@ -13,8 +13,8 @@ Filterbanks and windows are built once per config, device and dtype.
 from __future__ import annotations
 
 import functools
-import math
 import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
