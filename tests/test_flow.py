@@ -13,11 +13,10 @@ import yaml
 from safetensors.torch import save_file
 
 from cosy import cli
-from cosy.audio import MelConfig
+from cosy.audio import FrequencyWarpConfig, MelConfig
 from cosy.errors import CosyError
 from cosy.flow.cfm import CFMConfig, cfm_loss, euler, guided
 from cosy.flow.estimator import EstimatorConfig, RecentKV
-from cosy.audio import FrequencyWarpConfig
 from cosy.flow.model import FlowConfig, FlowModel
 from cosy.flow.onnx import export_estimator, load_model, onnx_max_diff
 from cosy.flow.task import TASK

@@ -48,7 +48,7 @@ class TokenizerConfig:
     dir is read again whenever the model is built, also to load a trained checkpoint.
     max_seconds: longest audio the model accepts at once (the position tables' limit).
     warp: frequency-warp augmentation of the training log-mels. The same transcript then
-    comes in more voices, so the ASR loss gives the codes more reason to drop the voice.
+    comes in more voices, which is meant to give the codes more reason to drop the voice.
     """
 
     mel: WhisperMelConfig = field(default_factory=WhisperMelConfig)
