@@ -194,7 +194,7 @@ def test_frequency_warp_changes_training_losses_only():
         return model.train(train)(batch)["loss"]
 
     torch.testing.assert_close(loss(warped, False), loss(plain, False))  # validation is never warped
-    torch.testing.assert_close(loss(off, True), loss(plain, True))  # prob 0 draws nothing
+    torch.testing.assert_close(loss(off, True), loss(plain, True))  # prob 0 warps nothing
     assert not torch.allclose(loss(warped, True), loss(plain, True))
 
 
