@@ -278,6 +278,20 @@ def wav_bytes(seconds: float, rate: int = 8000) -> bytes:
     return buf.getvalue()
 
 
+def test_bf16_autocast_tracks_fp32():
+    """The recipes train the decoder under bf16 autocast; the seed fixes its flow times,
+    noise and dropout draws, so both passes see the same ones."""
+    from precision import assert_bf16_tracks_fp32
+
+    torch.manual_seed(0)
+    model = FlowModel(tiny())
+    frames = 40
+    batch = {"speech_token": torch.randint(0, 32, (3, frames // 2)), "speech_token_len": torch.tensor([20, 14, 9]),
+             "speech_feat": torch.randn(3, 16, frames), "speech_feat_len": torch.tensor([40, 28, 18]),
+             "embedding": torch.randn(3, 8)}
+    assert_bf16_tracks_fp32(model, batch)
+
+
 def test_task_rows_to_batch_to_loss():
     cfg = tiny()
     steps = TASK.processors(cfg, True)

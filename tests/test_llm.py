@@ -157,6 +157,17 @@ def test_loss_is_length_normalised_cross_entropy(hf_dir):
 
 
 @pytest.mark.parametrize("backbone", ["transformer", "hf"])
+def test_bf16_autocast_tracks_fp32(backbone, hf_dir):
+    """The recipes train the LM under bf16 autocast."""
+    from precision import assert_bf16_tracks_fp32
+
+    model = build(backbone, hf_dir).train()
+    text, text_len, _, _, speech, speech_len, embedding = inputs(ITEMS)
+    assert_bf16_tracks_fp32(model, {"text_token": text, "text_token_len": text_len, "speech_token": speech,
+                                    "speech_token_len": speech_len, "embedding": embedding})
+
+
+@pytest.mark.parametrize("backbone", ["transformer", "hf"])
 def test_tiny_model_overfits_and_decodes_its_tokens(backbone, hf_dir):
     model = build(backbone, hf_dir, seed=4, max_token_text_ratio=4.0).train()
     pairs = [([3, 5, 7], [1, 4, 4, 9, 2, 2, 8]), ([6, 2], [10, 11, 3, 3, 12]), ([9, 9, 1, 4], [5, 6, 7, 8, 20, 21, 22, 1])]

@@ -152,6 +152,18 @@ def test_gradient_accumulation_of_two_batches_matches_one_double_batch(tmp_path)
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_a_cpu_without_bf16_hardware_is_warned_about(tmp_path, monkeypatch, native):
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: native, raising=False)
+    train, cv = corpus(tmp_path, rows=8, per_shard=8)
+    conf = write_config(tmp_path / "c.yaml", {"max_steps": 1, "precision": "bf16"},
+                        data={"batch_type": "static", "batch_size": 4})
+    assert cli.main(train_args(conf, train, cv, tmp_path / "exp")) == 0
+    warned = "without AVX512-BF16 or AMX" in (tmp_path / "exp" / "train.log").read_text()
+    assert warned != native
+
+
 def test_gan_task_trains_both_submodules_with_two_optimisers_in_bf16(tmp_path):
     train, cv = corpus(tmp_path, rows=16, per_shard=16)
     conf = write_config(tmp_path / "gan.yaml", task="toy_task:GAN_TASK",

@@ -1,12 +1,18 @@
-"""Training speed of the engine: steps/s of a small transformer, fp32 vs bf16 (and on CUDA fp16) autocast.
+"""Training speed of the engine: steps/s in fp32 vs bf16 (and on CUDA fp16) autocast.
 
-The model is a cosy.modules Encoder (4 layers, d_model 256, 4 heads, FFN 1024) with a
-linear head regressing 80-dim frames, trained on batches of 16 x 200 random frames
-through the real Trainer (loader, optimiser, clipping, logging). Each precision is run
-for a short and a long number of steps; steps/s comes from the difference, so start-up,
-the final validation and the checkpoint cancel out.
+Without arguments the model is a cosy.modules Encoder (4 layers, d_model 256, 4 heads,
+FFN 1024) with a linear head regressing 80-dim frames, trained on batches of 16 x 200
+random frames. With `--config` and `--train-data` it is a real experiment: that YAML's
+model, data pipeline and optimiser on those shards (validation on the first rows of the
+first shard). Either way the steps run through the real Trainer (loader, optimiser,
+clipping, logging). Each precision is run for a short and a long number of steps;
+steps/s comes from the difference, so start-up, the final validation and the checkpoint
+cancel out.
 
     OMP_NUM_THREADS=2 python tools/bench_train.py [--steps 5]
+    OMP_NUM_THREADS=1 python tools/bench_train.py --config recipes/mini/conf/llm_default.yaml \
+        --train-data exp/mini_default/shards/full/train/data.list \
+        model.tokenizer=exp/mini_default/exp/text/tokenizer.json --steps 20
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from cosy.data.loader import DataConfig
 from cosy.modules.transformer import Encoder, EncoderConfig
 from cosy.train.schedule import SchedulerConfig
 from cosy.train.task import Task
-from cosy.train.trainer import ExperimentConfig, TrainConfig, Trainer
+from cosy.train.trainer import ExperimentConfig, TrainConfig, Trainer, load_experiment
 
 FRAMES = 200
 BATCH = 16
@@ -74,15 +80,33 @@ def write_list(folder: Path, rows: int) -> Path:
     return listing
 
 
-def seconds_for(steps: int, precision: str, root: Path, train: Path, cv: Path) -> tuple[float, float]:
-    """Wall and CPU (all threads) seconds of a whole run of `steps` steps."""
+def small_transformer() -> tuple[ExperimentConfig, Task]:
     encoder = EncoderConfig(input_size=80, d_model=256, n_heads=4, ffn_dim=1024, n_layers=4, pos_enc="abs")
     config = ExperimentConfig(
         task="bench", model=BenchConfig(encoder),
         data=DataConfig(shuffle=False, sort=False, batch_type="static", batch_size=BATCH),
-        train=TrainConfig(max_steps=steps, max_epochs=0, precision=precision, log_every=1000,
-                          scheduler=SchedulerConfig(warmup_steps=100)))
-    trainer = Trainer(config, TASK, train, cv, root / f"{precision}_{steps}")
+        train=TrainConfig(max_epochs=0, log_every=1000, scheduler=SchedulerConfig(warmup_steps=100)))
+    return config, TASK
+
+
+def first_rows(train_list: Path, rows: int, folder: Path) -> Path:
+    """A list of one shard holding the first `rows` rows of `train_list`'s first shard."""
+    first = train_list.read_text().split()[0]
+    folder.mkdir(parents=True)
+    pq.write_table(pq.read_table(first).slice(0, rows), folder / "shard_00000.parquet")
+    listing = folder / "data.list"
+    listing.write_text(f"{folder / 'shard_00000.parquet'}\n")
+    return listing
+
+
+def seconds_for(experiment: tuple[ExperimentConfig, Task], steps: int, precision: str, root: Path,
+                train: Path, cv: Path) -> tuple[float, float]:
+    """Wall and CPU (all threads) seconds of a whole run of `steps` steps."""
+    config, task = experiment
+    t = config.train
+    t.max_steps, t.max_epochs, t.precision = steps, 0, precision
+    t.log_every, t.cv_every_steps, t.cv_every_epoch, t.save_every_steps = 1000, 0, False, 0
+    trainer = Trainer(config, task, train, cv, root / f"{precision}_{steps}")
     wall, cpu = time.perf_counter(), time.process_time()
     trainer.fit()
     return time.perf_counter() - wall, time.process_time() - cpu
@@ -91,25 +115,41 @@ def seconds_for(steps: int, precision: str, root: Path, train: Path, cv: Path) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5, help="steps timed per precision")
+    parser.add_argument("--config", help="an experiment YAML to time instead of the small transformer")
+    parser.add_argument("--train-data", type=Path, help="with --config: its training shards' data.list")
+    parser.add_argument("overrides", nargs="*", help="with --config: section.key=value overrides")
     args = parser.parse_args()
+    if bool(args.config) != bool(args.train_data):
+        parser.error("--config and --train-data go together")
+    if args.overrides and not args.config:
+        parser.error("overrides need --config")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         short = 2
-        train = write_list(root / "train", BATCH * (short + args.steps))
-        cv = write_list(root / "cv", 1)
+        if args.config:
+            train = args.train_data
+            cv = first_rows(train, 4, root / "cv")
+            what = f"{args.config} on {train}"
+        else:
+            train = write_list(root / "train", BATCH * (short + args.steps))
+            cv = write_list(root / "cv", 1)
+            what = f"small transformer: 4 layers, d 256, batch {BATCH} x {FRAMES} frames"
         warmup = root / "warmup"
         warmup.mkdir()
-        print(f"small transformer: 4 layers, d 256, batch {BATCH} x {FRAMES} frames, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        print(f"{what}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
+
+        def experiment() -> tuple[ExperimentConfig, Task]:
+            return load_experiment(args.config, args.overrides) if args.config else small_transformer()
+
         # CPU seconds stay meaningful when other jobs share the cores; wall time does not
         # fp16 (with its loss scaler) only where it runs: the trainer refuses it on CPU
         for precision in ("fp32", "bf16", "fp16") if torch.cuda.is_available() else ("fp32", "bf16"):
             # an untimed run first: the one-off costs of a precision (CUDA kernels loaded and
             # tuned on first use) would otherwise land in one timed run and not in the other
-            seconds_for(short, precision, warmup, train, cv)
-            short_wall, short_cpu = seconds_for(short, precision, root, train, cv)
-            long_wall, long_cpu = seconds_for(short + args.steps, precision, root, train, cv)
+            seconds_for(experiment(), short, precision, warmup, train, cv)
+            short_wall, short_cpu = seconds_for(experiment(), short, precision, root, train, cv)
+            long_wall, long_cpu = seconds_for(experiment(), short + args.steps, precision, root, train, cv)
             wall, cpu = long_wall - short_wall, long_cpu - short_cpu
             print(f"{precision:5s} {args.steps / wall:6.2f} steps/s  ({1000 * wall / args.steps:7.1f} ms/step wall, "
                   f"{cpu / args.steps:6.2f} CPU-s/step)")

@@ -144,6 +144,9 @@ class Trainer:
             _setup_logging(self.expdir / "train.log")
             for stale in self.expdir.glob(".*.tmp"):  # left by a process killed mid-write
                 stale.unlink()
+            if t.precision == "bf16" and self.dist.device.type == "cpu" and not cpu_has_bf16():
+                log.warning("train.precision=bf16 on a CPU without AVX512-BF16 or AMX: its bf16 matrix "
+                            "products are emulated, which is usually slower than fp32")
         self.checkpoints = Checkpoints(self.expdir)
         if self.checkpoints.entries and not resume:
             raise CosyError(f"--out {self.expdir} already holds checkpoints: pass --resume or choose a new --out")
@@ -519,6 +522,13 @@ def _average_gradients(params: list[nn.Parameter], world_size: int) -> None:
 
 def _format(values: dict[str, float]) -> str:
     return " ".join(f"{k}={v:.5g}" for k, v in values.items())
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX tiles)."""
+    # private probes of torch.cpu: absent in some builds, where the answer is "no"
+    probes = (getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return any(probe() for probe in probes if probe is not None)
 
 
 def _setup_logging(path: Path) -> None:
