@@ -4,7 +4,7 @@
 # with --stage / --stop_stage (each stage reads only what earlier stages wrote under --dir).
 #
 #   recipes/mini/run.sh --size tiny --dir exp/mini_tiny          # CI: about 5 minutes on 2 cores
-#   recipes/mini/run.sh --size default --dir exp/mini            # the real small experiment (about 2 h)
+#   recipes/mini/run.sh --size default --dir exp/mini            # the real small experiment (about 1 h 45 min)
 #   recipes/mini/run.sh --size default --dir exp/mini --stage 5 --stop_stage 5   # resume training
 #
 # Stages: 0 corpus | 1 audio shards, speaker encoder + embeddings | 2 text BPE + S3 tokenizer |
@@ -111,7 +111,7 @@ speaker=${speaker_model:-$exp/speaker/model.safetensors}
 text_tokenizer=$exp/text/tokenizer.json
 mos_flag=()
 [ "$mos" = true ] || mos_flag=(--no-mos)
-models=(llm flow vocoder)   # what stages 5 and 6 train and average, longest training first
+models=(llm flow vocoder)   # what stages 5 and 6 train and average, in stage 5's start order
 
 if run_stage 0; then
   begin 0 "synthetic corpus ($size) and validation"
@@ -170,9 +170,11 @@ if run_stage 5; then
   }
   if [ "$parallel_train" = true ]; then
     # A second thread speeds one of these small models up by only 1.5-1.6 x, so on CPU
-    # one training per core finishes sooner than three in a row on all cores. The LM is
-    # the longest, so it starts first and keeps its slot; with two cores the other slot
-    # trains the flow decoder and then the vocoder (RESULTS.md, "Stage 5 on two cores").
+    # one training per core finishes sooner than three in a row on all cores. With two
+    # cores the LM and the flow decoder start, and the vocoder takes the first slot to
+    # free up, the LM's; with the LM in bf16, the LM and then the vocoder take about as
+    # long as the flow decoder alone (RESULTS.md, "Stage 5 on two cores", "bf16 autocast
+    # on the CPU").
     # The cores an even share leaves over (cores % slots: 1 on 4 cores, 2 on 5) go to the LM.
     # Each one's output goes to exp/<model>.log: three progress bars on one terminal
     # would be unreadable.
