@@ -29,6 +29,8 @@ import torch
 from torch import nn
 
 from cosy.data.loader import DataConfig
+from cosy.data.shards import read_list
+from cosy.errors import CosyError
 from cosy.modules.transformer import Encoder, EncoderConfig
 from cosy.train.schedule import SchedulerConfig
 from cosy.train.task import Task
@@ -71,13 +73,18 @@ TASK = Task(
 )
 
 
-def write_list(folder: Path, rows: int) -> Path:
+def one_shard_list(folder: Path, table: pa.Table) -> Path:
+    """Write `table` as the one shard of `folder/data.list`; returns the list's path."""
     folder.mkdir(parents=True)
-    table = pa.table({"utt": [f"u{i:05d}" for i in range(rows)], "duration": [FRAMES / 100] * rows})
     pq.write_table(table, folder / "shard_00000.parquet")
     listing = folder / "data.list"
     listing.write_text(f"{folder / 'shard_00000.parquet'}\n")
     return listing
+
+
+def write_list(folder: Path, rows: int) -> Path:
+    return one_shard_list(folder, pa.table({"utt": [f"u{i:05d}" for i in range(rows)],
+                                            "duration": [FRAMES / 100] * rows}))
 
 
 def small_transformer() -> tuple[ExperimentConfig, Task]:
@@ -91,12 +98,7 @@ def small_transformer() -> tuple[ExperimentConfig, Task]:
 
 def first_rows(train_list: Path, rows: int, folder: Path) -> Path:
     """A list of one shard holding the first `rows` rows of `train_list`'s first shard."""
-    first = train_list.read_text().split()[0]
-    folder.mkdir(parents=True)
-    pq.write_table(pq.read_table(first).slice(0, rows), folder / "shard_00000.parquet")
-    listing = folder / "data.list"
-    listing.write_text(f"{folder / 'shard_00000.parquet'}\n")
-    return listing
+    return one_shard_list(folder, pq.read_table(read_list(train_list)[0]).slice(0, rows))
 
 
 def seconds_for(experiment: tuple[ExperimentConfig, Task], steps: int, precision: str, root: Path,
@@ -128,7 +130,10 @@ def main() -> None:
         short = 2
         if args.config:
             train = args.train_data
-            cv = first_rows(train, 4, root / "cv")
+            try:
+                cv = first_rows(train, 4, root / "cv")
+            except CosyError as err:
+                parser.error(f"--train-data: {err}")
             what = f"{args.config} on {train}"
         else:
             train = write_list(root / "train", BATCH * (short + args.steps))
