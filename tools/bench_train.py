@@ -4,10 +4,11 @@ Without arguments the model is a cosy.modules Encoder (4 layers, d_model 256, 4 
 FFN 1024) with a linear head regressing 80-dim frames, trained on batches of 16 x 200
 random frames. With `--config` and `--train-data` it is a real experiment: that YAML's
 model, data pipeline and optimiser on those shards (validation on the first rows of the
-first shard). Either way the steps run through the real Trainer (loader, optimiser,
-clipping, logging). Each precision is run for a short and a long number of steps;
-steps/s comes from the difference, so start-up, the final validation and the checkpoint
-cancel out.
+first shard; the training list names the shards over and over, so that no epoch ends
+inside the timed steps). Either way the steps run through the real Trainer (loader,
+optimiser, clipping, logging), which writes no checkpoint here. Each precision is run for
+a short and a long number of steps; steps/s comes from the difference, so start-up and
+the final validation cancel out.
 
     OMP_NUM_THREADS=2 python tools/bench_train.py [--steps 5]
     OMP_NUM_THREADS=1 python tools/bench_train.py --config recipes/mini/conf/llm_default.yaml \
@@ -101,6 +102,28 @@ def first_rows(train_list: Path, rows: int, folder: Path) -> Path:
     return one_shard_list(folder, pq.read_table(read_list(train_list)[0]).slice(0, rows))
 
 
+class UnsavedTrainer(Trainer):
+    """The Trainer without its checkpoint writes. Writing a v1-size LM's weights and optimiser
+    state takes about 10 s, give or take a second: that jitter, in both runs of a difference,
+    outweighed ten timed steps on a GPU."""
+
+    def _save(self, cv_loss: float | None) -> None:
+        self.saved = (self.step, cv_loss is not None)
+
+
+def repeated(train_list: Path, rows: int, folder: Path) -> Path:
+    """A list naming `train_list`'s shards over and over until it holds at least `rows` rows.
+
+    An epoch's end restarts the loader and its worker processes; on a small data set that
+    would land inside the timed steps."""
+    shards = read_list(train_list)
+    per_pass = sum(pq.ParquetFile(shard).metadata.num_rows for shard in shards)
+    folder.mkdir(parents=True)
+    listing = folder / "data.list"
+    listing.write_text("".join(f"{shard}\n" for shard in shards) * max(1, -(-rows // per_pass)))
+    return listing
+
+
 def seconds_for(experiment: tuple[ExperimentConfig, Task], steps: int, precision: str, root: Path,
                 train: Path, cv: Path) -> tuple[float, float]:
     """Wall and CPU (all threads) seconds of a whole run of `steps` steps."""
@@ -108,7 +131,7 @@ def seconds_for(experiment: tuple[ExperimentConfig, Task], steps: int, precision
     t = config.train
     t.max_steps, t.max_epochs, t.precision = steps, 0, precision
     t.log_every, t.cv_every_steps, t.cv_every_epoch, t.save_every_steps = 1000, 0, False, 0
-    trainer = Trainer(config, task, train, cv, root / f"{precision}_{steps}")
+    trainer = UnsavedTrainer(config, task, train, cv, root / f"{precision}_{steps}")
     wall, cpu = time.perf_counter(), time.process_time()
     trainer.fit()
     return time.perf_counter() - wall, time.process_time() - cpu
@@ -120,7 +143,11 @@ def main() -> None:
     parser.add_argument("--config", help="an experiment YAML to time instead of the small transformer")
     parser.add_argument("--train-data", type=Path, help="with --config: its training shards' data.list")
     parser.add_argument("overrides", nargs="*", help="with --config: section.key=value overrides")
+    parser.add_argument("--precisions", nargs="+", choices=("fp32", "bf16", "fp16"),
+                        help="the precisions to time (default: fp32 bf16, and fp16 on CUDA)")
     args = parser.parse_args()
+    if args.precisions is None:  # fp16 (with its loss scaler) only where it runs: the trainer refuses it on CPU
+        args.precisions = ["fp32", "bf16"] + (["fp16"] if torch.cuda.is_available() else [])
     if bool(args.config) != bool(args.train_data):
         parser.error("--config and --train-data go together")
     if args.overrides and not args.config:
@@ -129,12 +156,13 @@ def main() -> None:
         root = Path(tmp)
         short = 2
         if args.config:
-            train = args.train_data
             try:
-                cv = first_rows(train, 4, root / "cv")
+                cv = first_rows(args.train_data, 4, root / "cv")
+                # generous: a batch of the LM's or flow decoder's configs holds at most a few dozen rows
+                train = repeated(args.train_data, 100 * (short + args.steps), root / "train")
             except CosyError as err:
                 parser.error(f"--train-data: {err}")
-            what = f"{args.config} on {train}"
+            what = f"{args.config} on {args.train_data}"
         else:
             train = write_list(root / "train", BATCH * (short + args.steps))
             cv = write_list(root / "cv", 1)
@@ -148,8 +176,7 @@ def main() -> None:
             return load_experiment(args.config, args.overrides) if args.config else small_transformer()
 
         # CPU seconds stay meaningful when other jobs share the cores; wall time does not
-        # fp16 (with its loss scaler) only where it runs: the trainer refuses it on CPU
-        for precision in ("fp32", "bf16", "fp16") if torch.cuda.is_available() else ("fp32", "bf16"):
+        for precision in args.precisions:
             # an untimed run first: the one-off costs of a precision (CUDA kernels loaded and
             # tuned on first use) would otherwise land in one timed run and not in the other
             seconds_for(experiment(), short, precision, warmup, train, cv)

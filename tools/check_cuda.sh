@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Exercise cosy's CUDA paths on a machine with a GPU, in about five minutes:
+# Exercise cosy's CUDA paths on a machine with a GPU, in about eight minutes:
 #   1. training speed of the engine on the GPU: fp32, bf16 and fp16 autocast (tools/bench_train.py);
 #   2. synthesis speed on the GPU against the CPU (cosy bench): the tiny and v1 sizes, the default model;
 #   3. the tiny mini recipe, stages 1-8, every model trained under torchrun on one GPU and
 #      embeddings and speech tokens extracted on cuda;
-#   4. those speech tokens extracted again on the CPU: the share of tokens that agree.
+#   4. training speed of the LibriTTS recipe's LM and flow decoder at the published v1 sizes
+#      (fp32, bf16, fp16), on the tiny recipe's shards;
+#   5. the recipe's speech tokens extracted again on the CPU: the share of tokens that agree.
 # Every check runs even when an earlier one failed; the summary at the end lists each one's status.
 #
 #   tools/check_cuda.sh OUT [CORPUS]
@@ -92,6 +94,19 @@ fi
 corpus=$out/corpus
 check recipe_tiny_gpu 900 bash "$root/recipes/mini/run.sh" --size tiny --dir "$out/mini" --data "$corpus" \
   --ngpu 1 --stage 1 --stop_stage 8
+# the v1 configs with the tiny recipe's text tokenizer and speaker-embedding width; their
+# larger speech vocabularies hold the tiny tokenizer's codes
+shards=$out/mini/shards/full/train/data.list
+if [ -f "$shards" ]; then
+  spk_dim=$(python -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['model']['campplus']['embedding_dim'])" \
+    "$root/recipes/mini/conf/speaker_tiny.yaml")
+  check train_llm_v1 300 python "$root/tools/bench_train.py" --steps 20 \
+    --config "$root/recipes/libritts/conf/llm_v1.yaml" --train-data "$shards" \
+    model.tokenizer="$out/mini/exp/text/tokenizer.json" model.spk_embed_dim="$spk_dim"
+  check train_flow_v1 300 python "$root/tools/bench_train.py" --steps 20 \
+    --config "$root/recipes/libritts/conf/flow_v1.yaml" --train-data "$shards" model.spk_dim="$spk_dim"
+fi
+
 if [ -f "$corpus/test/utt2speech_token.safetensors" ]; then
   rm -rf "$out/corpus_cpu"
   cp -r "$corpus" "$out/corpus_cpu"
