@@ -43,6 +43,7 @@ setup(
         "test": ["pytest", "pytest-timeout", "kaldi-native-fbank", "nbclient", "nbformat", "ipykernel", "matplotlib"],
         "hf": ["transformers"],
         "eval": ["pocketsphinx", "speechmos", "webrtcvad-wheels", "resemblyzer"],
+        "deepspeed": ["deepspeed"],
     },
     entry_points={"console_scripts": ["cosy=cosy.cli:main"]},
 )

@@ -62,6 +62,13 @@ def final_weights(out: Path, name: str = "weights") -> tuple[int, dict[str, torc
     return last.step, read_weights(out / getattr(last, name))
 
 
+def torchrun(*args: str) -> None:
+    """`cosy` with `args` on two ranks."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "cosy.cli", *args], env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def test_killed_and_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run(tmp_path):
     train, cv = corpus(tmp_path)
     # dynamic batches, shuffle + sort buffers, accumulation, dropout, noisy processors,
@@ -120,10 +127,7 @@ def test_two_ddp_ranks_with_batch_b_match_one_process_with_batch_2b(tmp_path, ta
     single = write_config(tmp_path / "single.yaml", training, {**data, "batch_size": 6}, {"dropout": 0.0}, task)
     ranks = write_config(tmp_path / "ranks.yaml", training, {**data, "batch_size": 3}, {"dropout": 0.0}, task)
     assert cli.main(train_args(single, train, cv, tmp_path / "single")) == 0
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "cosy.cli", *train_args(ranks, train, cv, tmp_path / "ddp")],
-                            env=env(), capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(*train_args(ranks, train, cv, tmp_path / "ddp"))
     one = {e.step: e for e in Checkpoints(tmp_path / "single").entries}
     two = {e.step: e for e in Checkpoints(tmp_path / "ddp").entries}
     assert sorted(one) == [2, 4, 6, 7] and sorted(two) == [2, 4, 6]
@@ -133,6 +137,62 @@ def test_two_ddp_ranks_with_batch_b_match_one_process_with_batch_2b(tmp_path, ta
         for key in weights_a:  # float32 sums in a different order: tolerance 1e-6
             torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=1e-6)
         assert one[step].cv_loss == pytest.approx(two[step].cv_loss, rel=1e-6)
+
+
+def test_deepspeed_zero2_on_two_ranks_matches_ddp_and_resumes_exactly(tmp_path):
+    pytest.importorskip("deepspeed")
+    # as in the DDP test: two ranks of 6 batches an epoch (the 7th of rank 0 dropped), here
+    # accumulated in pairs, so 3 steps an epoch; then stopped mid-epoch and resumed
+    train = write_shards(tmp_path / "train", make_rows(37), 37)
+    cv = write_shards(tmp_path / "cv", make_rows(8, seed=1, prefix="cv"), 8)
+    data = {"shuffle": False, "sort": False, "batch_type": "static", "batch_size": 3}
+    training = {"max_epochs": 2, "accum_grad": 2, "cv_every_steps": 2, "cv_every_epoch": False, "keep_last": 10,
+                "optim": {"name": "adamw", "weight_decay": 0.01},
+                "scheduler": {"name": "cosine", "warmup_steps": 2, "total_steps": 6}}
+    ddp = write_config(tmp_path / "ddp.yaml", training, data, {"dropout": 0.0})
+    zero = write_config(tmp_path / "zero.yaml", {**training, "deepspeed": {"zero_stage": 2}}, data, {"dropout": 0.0})
+    torchrun(*train_args(ddp, train, cv, tmp_path / "ddp"))
+    torchrun(*train_args(zero, train, cv, tmp_path / "zero"))
+    stopped = tmp_path / "stopped"
+    torchrun(*train_args(zero, train, cv, stopped, "train.max_steps=4", "train.keep_last=1", "train.keep_best=0"))
+    assert Checkpoints(stopped).load_state(Checkpoints(stopped).latest())["batches_done"] == 2  # mid-epoch
+    torchrun(*train_args(zero, train, cv, stopped, "train.keep_last=1", "train.keep_best=0", "--resume"))
+
+    plain = {e.step: e for e in Checkpoints(tmp_path / "ddp").entries}
+    sharded = {e.step: e for e in Checkpoints(tmp_path / "zero").entries}
+    assert sorted(plain) == sorted(sharded) == [2, 3, 4, 6]
+    for step in (2, 3, 4, 6):
+        weights_a = read_weights(tmp_path / "ddp" / plain[step].weights)
+        weights_b = read_weights(tmp_path / "zero" / sharded[step].weights)
+        for key in weights_a:  # ZeRO reduces and updates flat partitions: float32 sums in another order
+            torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=1e-6)
+        assert (tmp_path / "zero" / sharded[step].deepspeed).is_dir()
+    step, resumed = final_weights(stopped)
+    assert step == 6
+    straight = read_weights(tmp_path / "zero" / sharded[6].weights)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    # only the kept checkpoint's partitions are left
+    assert [p.name for p in stopped.glob("step_*.deepspeed")] == ["step_6.deepspeed"]
+
+
+def test_deepspeed_in_one_process_steps_the_epochs_last_incomplete_accumulation(tmp_path):
+    pytest.importorskip("deepspeed")
+    train, cv = corpus(tmp_path, rows=15, per_shard=15)  # 5 batches of 3: accumulated 2 + 2 + 1
+    data = {"shuffle": False, "sort": False, "batch_type": "static", "batch_size": 3}
+    training = {"max_epochs": 1, "accum_grad": 2, "cv_every_steps": 2, "keep_last": 10}
+    plain = write_config(tmp_path / "plain.yaml", training, data, {"dropout": 0.0})
+    zero = write_config(tmp_path / "zero.yaml", {**training, "deepspeed": {"zero_stage": 1}}, data, {"dropout": 0.0})
+    assert cli.main(train_args(plain, train, cv, tmp_path / "plain")) == 0
+    # a process of its own: DeepSpeed sets up a process group even for one rank
+    result = subprocess.run([sys.executable, "-m", "cosy.cli", *train_args(zero, train, cv, tmp_path / "zero")],
+                            env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [e.step for e in Checkpoints(tmp_path / "plain").entries] == [2]  # the odd batch dropped
+    assert [e.step for e in Checkpoints(tmp_path / "zero").entries] == [2, 3]  # the odd batch stepped
+    weights_a = read_weights(tmp_path / "plain" / "step_2.safetensors")
+    weights_b = read_weights(tmp_path / "zero" / "step_2.safetensors")
+    for key in weights_a:
+        torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=1e-6)
 
 
 def test_gradient_accumulation_of_two_batches_matches_one_double_batch(tmp_path):
@@ -254,6 +314,8 @@ def test_outputs_config_log_and_tensorboard(tmp_path):
     ("missing_shard", "shard file not found"),
     ("unknown_key", "'train.max_stepz'"),
     ("unknown_task", "unknown task 'vocodr' (known tasks: flow, llm, speaker, tokenizer, vocoder"),
+    ("zero3", "train.deepspeed.zero_stage must be 1 or 2, got 3"),
+    ("deepspeed_gan", "train.deepspeed does not train GAN tasks"),
 ])
 def test_bad_input_fails_fast_naming_the_cause(tmp_path, capsys, case, message):
     train, cv = corpus(tmp_path, rows=8, per_shard=8)
@@ -267,6 +329,11 @@ def test_bad_input_fails_fast_naming_the_cause(tmp_path, capsys, case, message):
         Path(train.read_text().split()[0]).unlink()
     elif case == "unknown_key":
         config["max_stepz"] = 3
+    elif case == "zero3":
+        config["deepspeed"] = {"zero_stage": 3}
+    elif case == "deepspeed_gan":
+        config["deepspeed"] = {}
+        task = "toy_task:GAN_TASK"
     else:
         task = "vocodr"
     conf = write_config(tmp_path / "c.yaml", config, task=task)

@@ -8,4 +8,4 @@ $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
     espeak-ng flite festival festvox-kallpc16k sox libsndfile1 fortune-mod fortunes-min fortunes >/dev/null
 # The CPU build of torch first, so that cosy's `torch>=2.1` does not pull a CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test,hf,eval]"
+python -m pip install -q -e ".[test,hf,eval,deepspeed]"

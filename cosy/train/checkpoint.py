@@ -2,7 +2,8 @@
 
 Each checkpoint is `step_<N>.safetensors` (the model's state_dict), optionally
 `step_<N>.ema.safetensors` (EMA weights), and `step_<N>.state.pt` (everything else needed
-to continue: optimisers, schedulers, scaler, RNG states, step, epoch, data position).
+to continue: optimisers, schedulers, scaler, RNG states, step, epoch, data position);
+under DeepSpeed the optimiser state is the folder `step_<N>.deepspeed/`, one file per rank.
 `checkpoints.yaml` lists the complete checkpoints with their validation loss; it is
 rewritten only after a checkpoint's files are on disk, so an entry in it is always
 complete. Every file is written atomically: a temporary file in the same folder,
@@ -14,6 +15,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,6 +115,10 @@ class Entry:
     def state(self) -> str:
         return f"step_{self.step}.state.pt"
 
+    @property
+    def deepspeed(self) -> str:
+        return f"step_{self.step}.deepspeed"
+
 
 class Checkpoints:
     """The checkpoints of one experiment directory and their index."""
@@ -153,6 +159,14 @@ class Checkpoints:
         for old in dropped:
             for name in (old.weights, old.ema, old.state):
                 (self.dir / name).unlink(missing_ok=True)
+            shutil.rmtree(self.dir / old.deepspeed, ignore_errors=True)
+
+    def remove_unindexed_shards(self) -> None:
+        """Delete DeepSpeed folders that no index entry names: a save killed half-way."""
+        named = {e.deepspeed for e in self.entries}
+        for folder in self.dir.glob("step_*.deepspeed"):
+            if folder.name not in named:
+                shutil.rmtree(folder)
 
     def latest(self) -> Entry | None:
         return self.entries[-1] if self.entries else None

@@ -1,9 +1,10 @@
 """The one training loop of cosy: every model trains through `Trainer`.
 
-Runs as one process or under `torchrun` (DDP: gloo on CPU, NCCL on CUDA). A step is one
-optimiser update made of `accum_grad` batches; checkpoints are taken only between
-steps, so the data position (epoch, batches consumed) plus the RNG states are enough
-to continue a run exactly where it stopped.
+Runs as one process or under `torchrun` (DDP: gloo on CPU, NCCL on CUDA), or, with
+`train.deepspeed`, through a DeepSpeed engine with ZeRO. A step is one optimiser update
+made of `accum_grad` batches; checkpoints are taken only between steps, so the data
+position (epoch, batches consumed) plus the RNG states are enough to continue a run
+exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -33,6 +34,24 @@ from cosy.train.task import Task
 from cosy.train.tasks import get_task, known_tasks
 
 log = logging.getLogger("cosy.train")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """`train.deepspeed`: train through a DeepSpeed engine instead of DDP (pip install deepspeed).
+
+    `zero_stage`: 1 partitions the optimiser state over the ranks, 2 the gradients too; the
+    weights stay whole on every rank (without ZeRO, leave `deepspeed` out: that is DDP).
+    cosy derives the engine's config (accumulation, clipping, ZeRO stage) from `train:`;
+    `config` holds further DeepSpeed keys, merged over it (e.g. `{zero_optimization:
+    {overlap_comm: true}}`). Precision stays cosy's autocast (fp32 or bf16). Each
+    checkpoint keeps the ranks' optimiser partitions in `step_<N>.deepspeed/`. An epoch's
+    last, incomplete accumulation is stepped rather than dropped: ZeRO 2 has already
+    reduced its gradients.
+    """
+
+    zero_stage: int = 2
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -74,6 +93,7 @@ class TrainConfig:
     seed: int = 1234
     find_unused_parameters: bool = False
     init: str | None = None
+    deepspeed: DeepSpeedConfig | None = None
 
 
 @dataclass
@@ -124,8 +144,12 @@ def init_distributed() -> Distributed:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(_backend(device))
     return Distributed(rank, world_size, device)
+
+
+def _backend(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 class Trainer:
@@ -148,6 +172,8 @@ class Trainer:
                 log.warning("train.precision=bf16 on a CPU without AVX512-BF16 or AMX: its bf16 matrix "
                             "products are emulated, which is usually slower than fp32")
         self.checkpoints = Checkpoints(self.expdir)
+        if self.dist.main:
+            self.checkpoints.remove_unindexed_shards()
         if self.checkpoints.entries and not resume:
             raise CosyError(f"--out {self.expdir} already holds checkpoints: pass --resume or choose a new --out")
 
@@ -175,7 +201,10 @@ class Trainer:
         self.ema = ({k: v.detach().float().clone() for k, v in self.model.state_dict().items()
                      if v.is_floating_point()} if t.ema_decay > 0 else None)
         self.forward_module: nn.Module = self.model
-        if world > 1 and not task.gan:
+        self.engine = None
+        if t.deepspeed is not None:
+            self.engine = self.forward_module = self._deepspeed_engine(t)
+        elif world > 1 and not task.gan:
             self.forward_module = DistributedDataParallel(
                 self.model, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
                 find_unused_parameters=t.find_unused_parameters)
@@ -207,6 +236,38 @@ class Trainer:
                             "(each step is a discriminator and a generator turn)")
         if t.precision == "fp16" and self.dist.device.type != "cuda":
             raise CosyError("train.precision=fp16 needs a CUDA device; use bf16 on CPU")
+        if t.deepspeed is not None:
+            if self.task.gan:
+                raise CosyError("train.deepspeed does not train GAN tasks (two optimisers taking turns); "
+                                "remove it for this task")
+            if t.precision == "fp16":
+                raise CosyError("train.deepspeed with train.precision=fp16 is not supported: use bf16")
+            if t.deepspeed.zero_stage not in (1, 2):
+                raise CosyError(f"train.deepspeed.zero_stage must be 1 or 2, got {t.deepspeed.zero_stage} "
+                                "(ZeRO 3, which partitions the weights, is not supported)")
+
+    def _deepspeed_engine(self, t: TrainConfig) -> nn.Module:
+        """A DeepSpeed engine around the model and its optimiser; the schedule stays cosy's."""
+        try:
+            import deepspeed
+        except ImportError as err:
+            raise CosyError("train.deepspeed needs the deepspeed package: pip install deepspeed") from err
+        if not dist.is_initialized():  # one process without torchrun: DeepSpeed still wants a group
+            dist.init_process_group(_backend(self.dist.device), store=dist.HashStore(), rank=0, world_size=1)
+            for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(name, value)
+        config = {
+            # cosy's loader batches by frames; DeepSpeed only books this number
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": t.accum_grad,
+            "gradient_clipping": max(t.grad_clip, 0.0),
+            "zero_optimization": {"stage": t.deepspeed.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 2**31 - 1,
+        }
+        engine, *_ = deepspeed.initialize(model=self.model, optimizer=self.optimizers["model"],
+                                          config=_merged(config, t.deepspeed.config))
+        return engine
 
     # ---- the loop ----------------------------------------------------------------
 
@@ -248,10 +309,10 @@ class Trainer:
         t = self.config.train
         stats = _Stats()
         micro = 0
-        for batch, info in self._synced(make_loader(self.train_set, self.epoch, skip=self.batches_done)):
+        for batch, info, final in self._synced(make_loader(self.train_set, self.epoch, skip=self.batches_done)):
             micro += 1
             self.batches_done += 1
-            last = micro % t.accum_grad == 0
+            last = micro % t.accum_grad == 0 or (final and self.engine is not None)
             if self.task.gan:
                 losses, norms = self._gan_step(batch)
             else:
@@ -281,22 +342,26 @@ class Trainer:
             optimizer.zero_grad(set_to_none=True)
         return False
 
-    def _synced(self, batches: Iterator[tuple[dict, BatchInfo]]) -> Iterator[tuple[dict, BatchInfo]]:
-        """Batches moved to the device, ending on every rank as soon as one rank runs out.
+    def _synced(self, batches: Iterator[tuple[dict, BatchInfo]]) -> Iterator[tuple[dict, BatchInfo, bool]]:
+        """(batch on the device, info, whether it is the epoch's last), ending on every rank
+        as soon as one rank runs out.
 
         Ranks can hold different numbers of batches (shards of different sizes); DDP
         would hang if one rank stopped while the others waited for its gradients.
         """
+        pending = None
         for item in _with_end(batches):
+            ended = item is None
             if self.dist.world_size > 1:
-                flag = torch.tensor([0 if item is None else 1], device=self.dist.device)
+                flag = torch.tensor([0 if ended else 1], device=self.dist.device)
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-                if not flag.item():
-                    return
-            if item is None:
+                ended = not flag.item()
+            if pending is not None:
+                yield (*pending, ended)
+            if ended:
                 return
             batch, info = item
-            yield _to_device(batch, self.dist.device), info
+            pending = _to_device(batch, self.dist.device), info
 
     def _autocast(self):
         precision = self.config.train.precision
@@ -306,6 +371,12 @@ class Trainer:
         return torch.autocast(self.dist.device.type, dtype=dtype)
 
     def _backward(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
+        if self.engine is not None:
+            self.engine.set_gradient_accumulation_boundary(sync)
+            with self._autocast():
+                losses = self.engine(batch)
+            self.engine.backward(losses["loss"])  # divides by accum_grad itself
+            return {k: v.detach() for k, v in losses.items()}
         module = self.forward_module
         no_sync = module.no_sync() if isinstance(module, DistributedDataParallel) and not sync else nullcontext()
         with no_sync:
@@ -334,6 +405,11 @@ class Trainer:
 
     def _update(self, name: str) -> float:
         """Clip, step and advance the schedule of optimiser `name`; returns the gradient norm."""
+        if self.engine is not None:
+            self.engine.step()  # clips and steps ZeRO's partitions
+            self.schedulers[name].step()
+            norm = self.engine.get_global_grad_norm()
+            return math.nan if norm is None else float(norm)
         optimizer = self.optimizers[name]
         self.scaler.unscale_(optimizer)
         clip = self.config.train.grad_clip
@@ -403,15 +479,17 @@ class Trainer:
         if self.dist.world_size > 1:
             rngs = [None] * self.dist.world_size
             dist.all_gather_object(rngs, rng_state())
+        entry = Entry(self.step, self.epoch, cv_loss)
+        if self.engine is not None:  # every rank writes its partition, before the index names the step
+            self.engine.save_checkpoint(str(self.expdir), tag=entry.deepspeed, client_state={}, save_latest=False)
         if self.dist.main:
             t = self.config.train
             state = {
                 "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "optimizers": {} if self.engine else {k: o.state_dict() for k, o in self.optimizers.items()},
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
                 "scaler": self.scaler.state_dict(), "ema": self.ema, "rng": rngs,
             }
-            entry = Entry(self.step, self.epoch, cv_loss)
             self.checkpoints.save(entry, self.model.state_dict(), state, self.ema, t.keep_last, t.keep_best)
             log.info("saved %s", self.expdir / entry.weights)
         self.saved = (self.step, cv_loss is not None)
@@ -425,8 +503,16 @@ class Trainer:
             return
         self.model.load_state_dict(read_weights(self.expdir / entry.weights))
         state = self.checkpoints.load_state(entry)
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state["optimizers"][name])
+        sharded = (self.expdir / entry.deepspeed).is_dir()
+        if sharded != (self.engine is not None):
+            raise CosyError(f"--resume: {self.expdir / entry.state} was written "
+                            f"{'with' if sharded else 'without'} train.deepspeed; resume it the same way")
+        if self.engine is not None:
+            self.engine.load_checkpoint(str(self.expdir), tag=entry.deepspeed, load_optimizer_states=True,
+                                        load_lr_scheduler_states=False)
+        else:
+            for name, optimizer in self.optimizers.items():
+                optimizer.load_state_dict(state["optimizers"][name])
         for name, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][name])
         self.scaler.load_state_dict(state["scaler"])
@@ -486,6 +572,14 @@ class _Stats:
     def frames_per_second(self) -> float:
         """Frames of this process per second of wall time."""
         return self.frames / max(1e-9, time.perf_counter() - self.start)
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    """`base` with `extra`'s keys put over it, nested dicts merged key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _with_end(items: Iterator[Any]) -> Iterator[Any]:
