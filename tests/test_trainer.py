@@ -369,6 +369,18 @@ def test_checkpoints_keep_the_last_k_and_the_best_by_cv_loss(tmp_path):
         "step_2.safetensors", "step_5.safetensors", "step_6.safetensors"]
 
 
+def test_deepspeed_folders_go_with_their_checkpoint_and_unindexed_ones_are_removed(tmp_path):
+    store = Checkpoints(tmp_path)
+    for step in (1, 2, 3):
+        (tmp_path / f"step_{step}.deepspeed").mkdir()
+        (tmp_path / f"step_{step}.deepspeed" / "rank0.pt").write_bytes(b"x")
+        if step < 3:  # step 3's save was killed before the index named it
+            store.save(Entry(step, 0, None), {"w": torch.zeros(1)}, {}, None, keep_last=1, keep_best=0)
+    assert sorted(p.name for p in tmp_path.glob("step_*.deepspeed")) == ["step_2.deepspeed", "step_3.deepspeed"]
+    Checkpoints(tmp_path).remove_unindexed_shards()
+    assert [p.name for p in tmp_path.glob("step_*.deepspeed")] == ["step_2.deepspeed"]
+
+
 def test_atomic_write_leaves_the_old_file_and_no_partial_file_when_interrupted(tmp_path, monkeypatch):
     target = tmp_path / "state.pt"
     atomic_write(target, b"old")
