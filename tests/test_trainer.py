@@ -175,11 +175,12 @@ def test_deepspeed_zero2_on_two_ranks_matches_ddp_and_resumes_exactly(tmp_path):
     assert [p.name for p in stopped.glob("step_*.deepspeed")] == ["step_6.deepspeed"]
 
 
-def test_deepspeed_in_one_process_steps_the_epochs_last_incomplete_accumulation(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_deepspeed_in_one_process_steps_the_epochs_last_incomplete_accumulation(tmp_path, precision):
     pytest.importorskip("deepspeed")
     train, cv = corpus(tmp_path, rows=15, per_shard=15)  # 5 batches of 3: accumulated 2 + 2 + 1
     data = {"shuffle": False, "sort": False, "batch_type": "static", "batch_size": 3}
-    training = {"max_epochs": 1, "accum_grad": 2, "cv_every_steps": 2, "keep_last": 10}
+    training = {"max_epochs": 1, "accum_grad": 2, "cv_every_steps": 2, "keep_last": 10, "precision": precision}
     plain = write_config(tmp_path / "plain.yaml", training, data, {"dropout": 0.0})
     zero = write_config(tmp_path / "zero.yaml", {**training, "deepspeed": {"zero_stage": 1}}, data, {"dropout": 0.0})
     assert cli.main(train_args(plain, train, cv, tmp_path / "plain")) == 0
@@ -316,6 +317,8 @@ def test_outputs_config_log_and_tensorboard(tmp_path):
     ("unknown_task", "unknown task 'vocodr' (known tasks: flow, llm, speaker, tokenizer, vocoder"),
     ("zero3", "train.deepspeed.zero_stage must be 1 or 2, got 3"),
     ("deepspeed_gan", "train.deepspeed does not train GAN tasks"),
+    ("deepspeed_derived", "train.deepspeed.config sets gradient_accumulation_steps, zero_optimization.stage, "
+                          "which cosy derives"),
 ])
 def test_bad_input_fails_fast_naming_the_cause(tmp_path, capsys, case, message):
     train, cv = corpus(tmp_path, rows=8, per_shard=8)
@@ -331,6 +334,8 @@ def test_bad_input_fails_fast_naming_the_cause(tmp_path, capsys, case, message):
         config["max_stepz"] = 3
     elif case == "zero3":
         config["deepspeed"] = {"zero_stage": 3}
+    elif case == "deepspeed_derived":
+        config["deepspeed"] = {"config": {"gradient_accumulation_steps": 4, "zero_optimization": {"stage": 3}}}
     elif case == "deepspeed_gan":
         config["deepspeed"] = {}
         task = "toy_task:GAN_TASK"

@@ -35,6 +35,10 @@ from cosy.train.tasks import get_task, known_tasks
 
 log = logging.getLogger("cosy.train")
 
+# DeepSpeed config keys that cosy sets from `train:` (or that would replace its optimiser)
+_DEEPSPEED_DERIVED = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                      "gradient_clipping", "fp16", "bf16", "torch_autocast", "optimizer", "scheduler"}
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -46,8 +50,8 @@ class DeepSpeedConfig:
     `config` holds further DeepSpeed keys, merged over it (e.g. `{zero_optimization:
     {overlap_comm: true}}`). Precision stays cosy's autocast (fp32 or bf16). Each
     checkpoint keeps the ranks' optimiser partitions in `step_<N>.deepspeed/`. An epoch's
-    last, incomplete accumulation is stepped rather than dropped: ZeRO 2 has already
-    reduced its gradients.
+    last, incomplete accumulation is stepped (its loss still divided by `accum_grad`)
+    rather than dropped: ZeRO 2 has already reduced its gradients.
     """
 
     zero_stage: int = 2
@@ -245,6 +249,13 @@ class Trainer:
             if t.deepspeed.zero_stage not in (1, 2):
                 raise CosyError(f"train.deepspeed.zero_stage must be 1 or 2, got {t.deepspeed.zero_stage} "
                                 "(ZeRO 3, which partitions the weights, is not supported)")
+            extra = t.deepspeed.config
+            derived = sorted(set(extra) & _DEEPSPEED_DERIVED)
+            if "stage" in (extra.get("zero_optimization") or {}):
+                derived.append("zero_optimization.stage")
+            if derived:
+                raise CosyError(f"train.deepspeed.config sets {', '.join(derived)}, which cosy derives from train: "
+                                "(accum_grad, grad_clip, precision, optim, scheduler, deepspeed.zero_stage)")
 
     def _deepspeed_engine(self, t: TrainConfig) -> nn.Module:
         """A DeepSpeed engine around the model and its optimiser; the schedule stays cosy's."""
@@ -265,6 +276,10 @@ class Trainer:
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
         }
+        if t.precision == "bf16":
+            # the engine's forward switches off (on CUDA) an autocast it was not configured
+            # with; no "lower precision safe" modules keeps the gradient reduction in fp32
+            config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
         engine, *_ = deepspeed.initialize(model=self.model, optimizer=self.optimizers["model"],
                                           config=_merged(config, t.deepspeed.config))
         return engine
@@ -480,7 +495,9 @@ class Trainer:
             rngs = [None] * self.dist.world_size
             dist.all_gather_object(rngs, rng_state())
         entry = Entry(self.step, self.epoch, cv_loss)
-        if self.engine is not None:  # every rank writes its partition, before the index names the step
+        # every rank writes its partition before the index names the step; a step saved again
+        # (validation after a periodic save) keeps its files, as its optimiser state is the same
+        if self.engine is not None and self.saved[0] != self.step:
             self.engine.save_checkpoint(str(self.expdir), tag=entry.deepspeed, client_state={}, save_latest=False)
         if self.dist.main:
             t = self.config.train
@@ -508,8 +525,13 @@ class Trainer:
             raise CosyError(f"--resume: {self.expdir / entry.state} was written "
                             f"{'with' if sharded else 'without'} train.deepspeed; resume it the same way")
         if self.engine is not None:
-            self.engine.load_checkpoint(str(self.expdir), tag=entry.deepspeed, load_optimizer_states=True,
-                                        load_lr_scheduler_states=False)
+            if len(state["rng"]) != self.dist.world_size:
+                raise CosyError(f"--resume: the ZeRO partitions in {self.expdir / entry.deepspeed} were written by "
+                                f"{len(state['rng'])} processes; resume with as many")
+            loaded, _ = self.engine.load_checkpoint(str(self.expdir), tag=entry.deepspeed, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
+            if loaded is None:
+                raise CosyError(f"--resume: DeepSpeed could not load {self.expdir / entry.deepspeed}")
         else:
             for name, optimizer in self.optimizers.items():
                 optimizer.load_state_dict(state["optimizers"][name])
