@@ -196,6 +196,15 @@ def test_deepspeed_in_one_process_steps_the_epochs_last_incomplete_accumulation(
         torch.testing.assert_close(weights_a[key], weights_b[key], rtol=0, atol=1e-6)
 
 
+def test_an_epoch_ending_on_a_validation_step_is_validated_once(tmp_path):
+    train, cv = corpus(tmp_path, rows=24, per_shard=24)  # 6 batches of 4
+    conf = write_config(tmp_path / "c.yaml", {"max_epochs": 2, "cv_every_steps": 3},
+                        {"shuffle": False, "sort": False, "batch_type": "static", "batch_size": 4})
+    assert cli.main(train_args(conf, train, cv, tmp_path / "exp")) == 0
+    log = (tmp_path / "exp" / "train.log").read_text()
+    assert [log.count(f"step {step} cv") for step in (3, 6, 9, 12)] == [1, 1, 1, 1]
+
+
 def test_gradient_accumulation_of_two_batches_matches_one_double_batch(tmp_path):
     train, cv = corpus(tmp_path, rows=24, per_shard=24)
     data = {"shuffle": False, "sort": False, "batch_type": "static"}

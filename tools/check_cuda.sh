@@ -5,7 +5,8 @@
 #   3. the tiny mini recipe, stages 1-8, every model trained under torchrun on one GPU and
 #      embeddings and speech tokens extracted on cuda;
 #   4. training speed of the LibriTTS recipe's LM and flow decoder at the published v1 sizes
-#      (fp32, bf16, fp16), on the tiny recipe's shards;
+#      (fp32, bf16, fp16), on the tiny recipe's shards; the tiny LM under DeepSpeed ZeRO 2,
+#      stopped and resumed (where deepspeed is installed);
 #   5. the recipe's speech tokens extracted again on the CPU: the share of tokens that agree.
 # Every check runs even when an earlier one failed; the summary at the end lists each one's status.
 #
@@ -105,6 +106,18 @@ if [ -f "$shards" ]; then
     model.tokenizer="$out/mini/exp/text/tokenizer.json" model.spk_embed_dim="$spk_dim"
   check train_flow_v1 300 python "$root/tools/bench_train.py" --steps 20 \
     --config "$root/recipes/libritts/conf/flow_v1.yaml" --train-data "$shards" model.spk_dim="$spk_dim"
+  # DeepSpeed ZeRO 2 with bf16 on the GPU: the tiny LM to step 10, then resumed to step 20
+  if python -c "import deepspeed" 2>/dev/null; then
+    zero=(--config "$root/recipes/mini/conf/llm_tiny.yaml" --train-data "$shards"
+          --cv-data "$out/mini/shards/full/dev/data.list" --out "$out/deepspeed_llm"
+          model.tokenizer="$out/mini/exp/text/tokenizer.json" train.deepspeed.zero_stage=2 train.max_epochs=0)
+    rm -rf "$out/deepspeed_llm"
+    check deepspeed_train 300 torchrun --standalone --nproc_per_node 1 -m cosy.cli train "${zero[@]}" train.max_steps=10
+    check deepspeed_resume 300 torchrun --standalone --nproc_per_node 1 -m cosy.cli train "${zero[@]}" \
+      train.max_steps=20 --resume
+  else
+    printf 'deepspeed\tskipped (not installed)\t0s\n' >> "$summary"
+  fi
 fi
 
 if [ -f "$corpus/test/utt2speech_token.safetensors" ]; then

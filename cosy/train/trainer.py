@@ -302,9 +302,11 @@ class Trainer:
             self.batches_done = 0
             if self._finished():
                 break
+            # not twice at one step (an epoch that ends on a cv_every_steps step)
             if self.config.train.cv_every_epoch:
-                self._validate_and_save()
-            else:
+                if self.saved != (self.step, True):
+                    self._validate_and_save()
+            elif self.saved[0] != self.step:
                 self._save(None)
         if self.saved != (self.step, True):
             self._validate_and_save()
