@@ -43,7 +43,7 @@ setup(
         "test": ["pytest", "pytest-timeout", "kaldi-native-fbank", "nbclient", "nbformat", "ipykernel", "matplotlib"],
         "hf": ["transformers"],
         "eval": ["pocketsphinx", "speechmos", "webrtcvad-wheels", "resemblyzer"],
-        "deepspeed": ["deepspeed"],
+        "deepspeed": ["deepspeed>=0.17.2"],  # its torch_autocast section carries bf16 (cosy/train/trainer.py)
     },
     entry_points={"console_scripts": ["cosy=cosy.cli:main"]},
 )

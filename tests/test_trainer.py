@@ -203,6 +203,11 @@ def test_an_epoch_ending_on_a_validation_step_is_validated_once(tmp_path):
     assert cli.main(train_args(conf, train, cv, tmp_path / "exp")) == 0
     log = (tmp_path / "exp" / "train.log").read_text()
     assert [log.count(f"step {step} cv") for step in (3, 6, 9, 12)] == [1, 1, 1, 1]
+    # but saved again at the epoch's end, so that a resume starts epoch 1 afresh
+    store = Checkpoints(tmp_path / "exp")
+    step_6 = next(e for e in store.entries if e.step == 6)
+    state = store.load_state(step_6)
+    assert (state["epoch"], state["batches_done"], step_6.cv_loss is not None) == (1, 0, True)
 
 
 def test_gradient_accumulation_of_two_batches_matches_one_double_batch(tmp_path):
@@ -391,7 +396,7 @@ def test_deepspeed_folders_go_with_their_checkpoint_and_unindexed_ones_are_remov
         if step < 3:  # step 3's save was killed before the index named it
             store.save(Entry(step, 0, None), {"w": torch.zeros(1)}, {}, None, keep_last=1, keep_best=0)
     assert sorted(p.name for p in tmp_path.glob("step_*.deepspeed")) == ["step_2.deepspeed", "step_3.deepspeed"]
-    Checkpoints(tmp_path).remove_unindexed_shards()
+    Checkpoints(tmp_path).remove_unindexed_deepspeed_folders()
     assert [p.name for p in tmp_path.glob("step_*.deepspeed")] == ["step_2.deepspeed"]
 
 

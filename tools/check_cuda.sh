@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Exercise cosy's CUDA paths on a machine with a GPU, in about eight minutes:
+# Exercise cosy's CUDA paths on a machine with a GPU, in ten minutes or so:
 #   1. training speed of the engine on the GPU: fp32, bf16 and fp16 autocast (tools/bench_train.py);
 #   2. synthesis speed on the GPU against the CPU (cosy bench): the tiny and v1 sizes, the default model;
 #   3. the tiny mini recipe, stages 1-8, every model trained under torchrun on one GPU and
@@ -17,7 +17,7 @@
 # build one there, which needs espeak-ng). SYNTHESIS_BENCH=0 in the environment skips check 2,
 # for a short GPU lease on which it has already run.
 set -uo pipefail
-[ $# -ge 1 ] || { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 1; }
+[ $# -ge 1 ] || { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 1; }
 out=$1
 corpus=${2:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -115,9 +115,17 @@ if [ -f "$shards" ]; then
     check deepspeed_train 300 torchrun --standalone --nproc_per_node 1 -m cosy.cli train "${zero[@]}" train.max_steps=10
     check deepspeed_resume 300 torchrun --standalone --nproc_per_node 1 -m cosy.cli train "${zero[@]}" \
       train.max_steps=20 --resume
+    # a resume without checkpoints would start afresh, with only a warning
+    check deepspeed_resumed 30 python -c "import sys
+from cosy.train.checkpoint import Checkpoints
+log = open(sys.argv[1] + '/train.log').read()
+sys.exit(not ('resumed from' in log and 'step 10,' in log and Checkpoints(sys.argv[1]).latest().step == 20))" \
+      "$out/deepspeed_llm"
   else
     printf 'deepspeed\tskipped (not installed)\t0s\n' >> "$summary"
   fi
+else
+  printf 'v1_training_and_deepspeed\tskipped (the recipe wrote no shards)\t0s\n' >> "$summary"
 fi
 
 if [ -f "$corpus/test/utt2speech_token.safetensors" ]; then

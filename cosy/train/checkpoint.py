@@ -3,7 +3,8 @@
 Each checkpoint is `step_<N>.safetensors` (the model's state_dict), optionally
 `step_<N>.ema.safetensors` (EMA weights), and `step_<N>.state.pt` (everything else needed
 to continue: optimisers, schedulers, scaler, RNG states, step, epoch, data position);
-under DeepSpeed the optimiser state is the folder `step_<N>.deepspeed/`, one file per rank.
+under DeepSpeed the optimiser state is the folder `step_<N>.deepspeed/` (one partition per
+rank, and DeepSpeed's own copy of the module's weights).
 `checkpoints.yaml` lists the complete checkpoints with their validation loss; it is
 rewritten only after a checkpoint's files are on disk, so an entry in it is always
 complete. Every file is written atomically: a temporary file in the same folder,
@@ -161,7 +162,7 @@ class Checkpoints:
                 (self.dir / name).unlink(missing_ok=True)
             shutil.rmtree(self.dir / old.deepspeed, ignore_errors=True)
 
-    def remove_unindexed_shards(self) -> None:
+    def remove_unindexed_deepspeed_folders(self) -> None:
         """Delete DeepSpeed folders that no index entry names: a save killed half-way."""
         named = {e.deepspeed for e in self.entries}
         for folder in self.dir.glob("step_*.deepspeed"):

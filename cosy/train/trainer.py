@@ -177,7 +177,7 @@ class Trainer:
                             "products are emulated, which is usually slower than fp32")
         self.checkpoints = Checkpoints(self.expdir)
         if self.dist.main:
-            self.checkpoints.remove_unindexed_shards()
+            self.checkpoints.remove_unindexed_deepspeed_folders()
         if self.checkpoints.entries and not resume:
             raise CosyError(f"--out {self.expdir} already holds checkpoints: pass --resume or choose a new --out")
 
@@ -219,7 +219,7 @@ class Trainer:
         self.step = 0
         self.epoch = 0
         self.batches_done = 0  # batches of the current epoch already trained on
-        self.saved = (-1, False)  # (step, with cv loss?): known on every rank, unlike the index
+        self.saved: tuple[int, float | None] = (-1, None)  # (step, cv loss): known on every rank, unlike the index
         torch.manual_seed(t.seed + rank)  # but different dropout masks per rank
         if resume:
             self._restore()
@@ -261,8 +261,11 @@ class Trainer:
         """A DeepSpeed engine around the model and its optimiser; the schedule stays cosy's."""
         try:
             import deepspeed
+            from packaging.version import Version
         except ImportError as err:
-            raise CosyError("train.deepspeed needs the deepspeed package: pip install deepspeed") from err
+            raise CosyError("train.deepspeed needs the deepspeed package: pip install 'deepspeed>=0.17.2'") from err
+        if Version(deepspeed.__version__) < Version("0.17.2"):  # older ones ignore the torch_autocast section
+            raise CosyError(f"train.deepspeed needs deepspeed >= 0.17.2, found {deepspeed.__version__}")
         if not dist.is_initialized():  # one process without torchrun: DeepSpeed still wants a group
             dist.init_process_group(_backend(self.dist.device), store=dist.HashStore(), rank=0, world_size=1)
             for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
@@ -302,13 +305,11 @@ class Trainer:
             self.batches_done = 0
             if self._finished():
                 break
-            # not twice at one step (an epoch that ends on a cv_every_steps step)
-            if self.config.train.cv_every_epoch:
-                if self.saved != (self.step, True):
-                    self._validate_and_save()
-            elif self.saved[0] != self.step:
-                self._save(None)
-        if self.saved != (self.step, True):
+            if self.config.train.cv_every_epoch and not self._validated_now():
+                self._validate_and_save()
+            else:  # saved again even at a step just saved, so that a resume starts the next epoch afresh
+                self._save(self.saved[1] if self.saved[0] == self.step else None)
+        if not self._validated_now():
             self._validate_and_save()
         if bar is not None:
             bar.close()
@@ -316,6 +317,9 @@ class Trainer:
             self.writer.close()
         if self.dist.world_size > 1:
             dist.barrier()
+
+    def _validated_now(self) -> bool:
+        return self.saved[0] == self.step and self.saved[1] is not None
 
     def _finished(self) -> bool:
         t = self.config.train
@@ -505,13 +509,13 @@ class Trainer:
             t = self.config.train
             state = {
                 "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
-                "optimizers": {} if self.engine else {k: o.state_dict() for k, o in self.optimizers.items()},
+                "optimizers": {} if self.engine is not None else {k: o.state_dict() for k, o in self.optimizers.items()},
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
                 "scaler": self.scaler.state_dict(), "ema": self.ema, "rng": rngs,
             }
             self.checkpoints.save(entry, self.model.state_dict(), state, self.ema, t.keep_last, t.keep_best)
             log.info("saved %s", self.expdir / entry.weights)
-        self.saved = (self.step, cv_loss is not None)
+        self.saved = (self.step, cv_loss)
         if self.dist.world_size > 1:
             dist.barrier()
 
@@ -543,7 +547,7 @@ class Trainer:
         if self.ema is not None and state["ema"] is not None:
             self.ema = {k: v.to(self.dist.device) for k, v in state["ema"].items()}
         self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
-        self.saved = (self.step, entry.cv_loss is not None)
+        self.saved = (self.step, entry.cv_loss)
         if len(state["rng"]) == self.dist.world_size:
             set_rng_state(state["rng"][self.dist.rank])
         else:
