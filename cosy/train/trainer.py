@@ -46,9 +46,9 @@ class DeepSpeedConfig:
 
     `zero_stage`: 1 partitions the optimiser state over the ranks, 2 the gradients too; the
     weights stay whole on every rank (without ZeRO, leave `deepspeed` out: that is DDP).
-    cosy derives the engine's config (accumulation, clipping, ZeRO stage) from `train:`;
-    `config` holds further DeepSpeed keys, merged over it (e.g. `{zero_optimization:
-    {overlap_comm: true}}`). Precision stays cosy's autocast (fp32 or bf16). Each
+    cosy derives the engine's config (accumulation, clipping, ZeRO stage, bf16 as the
+    engine's own autocast) from `train:`; `config` adds further DeepSpeed keys (e.g.
+    `{zero_optimization: {overlap_comm: true}}`), but none that cosy derives. Each
     checkpoint keeps the ranks' optimiser partitions in `step_<N>.deepspeed/`. An epoch's
     last, incomplete accumulation is stepped (its loss still divided by `accum_grad`)
     rather than dropped: ZeRO 2 has already reduced its gradients.
@@ -394,8 +394,7 @@ class Trainer:
     def _backward(self, batch: dict, sync: bool) -> dict[str, torch.Tensor]:
         if self.engine is not None:
             self.engine.set_gradient_accumulation_boundary(sync)
-            with self._autocast():
-                losses = self.engine(batch)
+            losses = self.engine(batch)  # under the engine's own autocast when bf16
             self.engine.backward(losses["loss"])  # divides by accum_grad itself
             return {k: v.detach() for k, v in losses.items()}
         module = self.forward_module
@@ -509,7 +508,8 @@ class Trainer:
             t = self.config.train
             state = {
                 "step": self.step, "epoch": self.epoch, "batches_done": self.batches_done,
-                "optimizers": {} if self.engine is not None else {k: o.state_dict() for k, o in self.optimizers.items()},
+                "optimizers": ({} if self.engine is not None  # in step_<N>.deepspeed/
+                               else {k: o.state_dict() for k, o in self.optimizers.items()}),
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
                 "scaler": self.scaler.state_dict(), "ema": self.ema, "rng": rngs,
             }
@@ -526,10 +526,10 @@ class Trainer:
             return
         self.model.load_state_dict(read_weights(self.expdir / entry.weights))
         state = self.checkpoints.load_state(entry)
-        sharded = (self.expdir / entry.deepspeed).is_dir()
-        if sharded != (self.engine is not None):
+        partitioned = (self.expdir / entry.deepspeed).is_dir()
+        if partitioned != (self.engine is not None):
             raise CosyError(f"--resume: {self.expdir / entry.state} was written "
-                            f"{'with' if sharded else 'without'} train.deepspeed; resume it the same way")
+                            f"{'with' if partitioned else 'without'} train.deepspeed; resume it the same way")
         if self.engine is not None:
             if len(state["rng"]) != self.dist.world_size:
                 raise CosyError(f"--resume: the ZeRO partitions in {self.expdir / entry.deepspeed} were written by "
