@@ -4,7 +4,7 @@
 # with --stage / --stop_stage (each stage reads only what earlier stages wrote under --dir).
 #
 #   recipes/mini/run.sh --size tiny --dir exp/mini_tiny          # CI: about 5 minutes on 2 cores
-#   recipes/mini/run.sh --size default --dir exp/mini            # the real small experiment (about 1 h 45 min)
+#   recipes/mini/run.sh --size default --dir exp/mini            # the real small experiment (1 h 45-55 min)
 #   recipes/mini/run.sh --size default --dir exp/mini --stage 5 --stop_stage 5   # resume training
 #
 # Stages: 0 corpus | 1 audio shards, speaker encoder + embeddings | 2 text BPE + S3 tokenizer |
