@@ -364,11 +364,12 @@ class Trainer:
         return False
 
     def _synced(self, batches: Iterator[tuple[dict, BatchInfo]]) -> Iterator[tuple[dict, BatchInfo, bool]]:
-        """(batch on the device, info, whether it is the epoch's last), ending on every rank
-        as soon as one rank runs out.
+        """(batch on the device, info, whether it is the epoch's last: known under DeepSpeed
+        alone, else False), ending on every rank as soon as one rank runs out.
 
         Ranks can hold different numbers of batches (shards of different sizes); DDP
-        would hang if one rank stopped while the others waited for its gradients.
+        would hang if one rank stopped while the others waited for its gradients. Only
+        DeepSpeed needs to know the last batch, which takes a one-batch lookahead.
         """
         pending = None
         for item in _with_end(batches):
@@ -379,10 +380,14 @@ class Trainer:
                 ended = not flag.item()
             if pending is not None:
                 yield (*pending, ended)
+                pending = None
             if ended:
                 return
             batch, info = item
-            pending = _to_device(batch, self.dist.device), info
+            if self.engine is None:
+                yield _to_device(batch, self.dist.device), info, False
+            else:
+                pending = _to_device(batch, self.dist.device), info
 
     def _autocast(self):
         precision = self.config.train.precision
