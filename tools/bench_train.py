@@ -5,10 +5,10 @@ FFN 1024) with a linear head regressing 80-dim frames, trained on batches of 16 
 random frames. With `--config` and `--train-data` it is a real experiment: that YAML's
 model, data pipeline (its shuffle buffer capped at 500 rows) and optimiser on those shards
 (validation on the first rows of the first shard; the training list names the shards over
-and over, so that no epoch ends inside the timed steps). Either way the steps run through the real Trainer (loader,
-optimiser, clipping, logging), which writes no checkpoint here. Each precision is run for
-a short and a long number of steps; steps/s comes from the difference, so start-up and
-the final validation cancel out.
+and over, so that no epoch ends inside the timed steps). Either way the steps run through
+the real Trainer (loader, optimiser, clipping, logging), which writes no checkpoint here.
+Each precision is run for a short and a long number of steps; steps/s comes from the
+difference, so start-up and the final validation cancel out.
 
     OMP_NUM_THREADS=2 python tools/bench_train.py [--steps 5]
     OMP_NUM_THREADS=1 python tools/bench_train.py --config recipes/mini/conf/llm_default.yaml \

@@ -333,7 +333,7 @@ class Trainer:
         for batch, info, final in self._synced(make_loader(self.train_set, self.epoch, skip=self.batches_done)):
             micro += 1
             self.batches_done += 1
-            last = micro % t.accum_grad == 0 or (final and self.engine is not None)
+            last = micro % t.accum_grad == 0 or final  # final: known under DeepSpeed only
             if self.task.gan:
                 losses, norms = self._gan_step(batch)
             else:
