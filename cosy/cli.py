@@ -41,6 +41,7 @@ register("vc", "cosy.inference.vc", "voice conversion: a source recording's word
 register("convert", "cosy.inference.vc", "voice conversion with --source-wav/--prompt-wav (same as vc)")
 register("convert cosyvoice", "cosy.convert.cosyvoice", "released CosyVoice-300M files -> a cosy model dir")
 register("pack", "cosy.inference.model_dir", "assemble a model directory from trained parts")
+register("serve", "cosy.inference.server", "an HTTP server for synthesis: POST /synthesize, GET /health")
 register("bench", "cosy.bench", "speed of synthesis: RTF, streaming latency, LM tokens/s, memory")
 register("text bpe", "cosy.text.cli", "train a byte-level BPE text tokenizer on the transcripts of data dirs")
 

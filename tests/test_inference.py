@@ -436,3 +436,108 @@ def test_flow_steps_set_the_solver_steps_offline_and_streaming(system, tmp_path,
                "--out", tmp_path / "a.wav", "--flow-steps", 2) == 0
     assert cli("bench", "--model-dir", system["model"], "--steps", 2, "--json", tmp_path / "bench.json") == 0
     assert json.loads((tmp_path / "bench.json").read_text())["flow_steps"] == 2
+
+
+# ---------------------------------------------------------------------------- cosy serve
+
+@pytest.fixture(scope="module")
+def server(system, tmp_path_factory):
+    """`cosy serve` on a free port, with the session's prompt as the voice 'me-1'."""
+    import threading
+
+    from cosy.data.kaldi import DataDir
+    from cosy.inference.server import TTSServer, load_voices
+
+    voices_dir = tmp_path_factory.mktemp("voices")
+    DataDir({"me-1": str(system["prompt"])}, {"me-1": "Some words of the prompt."}, {"me-1": "me"}).save(voices_dir)
+    tts = system["tts"]
+    srv = TTSServer(("127.0.0.1", 0), tts, load_voices(tts, voices_dir))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield {"url": f"http://127.0.0.1:{srv.server_address[1]}", "tts": tts}
+    srv.shutdown()
+    srv.server_close()
+
+
+def post(url, payload):
+    """POST JSON -> (status, headers, body bytes); error statuses are returned, not raised."""
+    import urllib.error
+    import urllib.request
+
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, err.read()
+
+
+def test_server_speaks_a_named_voice_and_a_posted_prompt_as_the_api_does(server, system):
+    import base64
+    import io
+    import urllib.request
+
+    tts, url = server["tts"], server["url"]
+    with urllib.request.urlopen(url + "/health", timeout=30) as response:
+        assert json.load(response) == {"status": "ok", "sample_rate": RATE, "voices": ["me-1"]}
+
+    status, headers, body = post(url + "/synthesize", {"text": TEXT, "voice": "me-1", "seed": 3})
+    assert status == 200 and headers["Content-Type"] == "audio/wav"
+    got, rate = sf.read(io.BytesIO(body), dtype="float32")
+    expected, _ = tts.synthesize(TEXT, tts.prompt(system["prompt"], "Some words of the prompt."), seed=3)
+    assert rate == RATE and got.shape == expected.shape
+    np.testing.assert_allclose(got, np.clip(expected, -1, 1), atol=1.0 / 32767)
+
+    wav = base64.b64encode(system["prompt"].read_bytes()).decode()
+    status, _, body = post(url + "/synthesize", {"text": TEXT, "prompt_wav": wav, "seed": 5, "speed": 1.5})
+    got, _ = sf.read(io.BytesIO(body), dtype="float32")
+    expected, _ = tts.synthesize(TEXT, system["prompt"], seed=5, speed=1.5)
+    assert status == 200 and got.shape == expected.shape
+    np.testing.assert_allclose(got, np.clip(expected, -1, 1), atol=1.0 / 32767)
+
+
+def test_server_streams_the_chunks_of_the_streaming_api(server, system):
+    from cosy.inference.server import pcm16
+
+    tts, url = server["tts"], server["url"]
+    status, headers, body = post(url + "/synthesize", {"text": TEXT, "voice": "me-1", "seed": 7, "stream": True})
+    assert status == 200 and headers["X-Sample-Rate"] == str(RATE) and headers["Transfer-Encoding"] == "chunked"
+    prompt = tts.prompt(system["prompt"], "Some words of the prompt.")
+    expected = np.concatenate(list(tts.stream(TEXT, prompt, seed=7)))
+    assert len(body) == 2 * len(expected) > 0
+    assert body == pcm16(expected)
+
+
+@pytest.mark.parametrize("payload, message", [
+    (b"{not json", "not JSON"),
+    ({"voice": "me-1"}, "text:"),
+    ({"text": TEXT, "voice": "me-1", "volume": 2}, "unknown field(s) volume"),
+    ({"text": TEXT}, "exactly one of voice"),
+    ({"text": TEXT, "voice": "me-1", "prompt_wav": "AAAA"}, "exactly one of voice"),
+    ({"text": TEXT, "voice": "you"}, "unknown voice 'you'; this server has: me-1"),
+    ({"text": TEXT, "voice": "me-1", "prompt_text": "hi"}, "prompt_text goes with prompt_wav"),
+    ({"text": TEXT, "prompt_wav": "not base64!"}, "prompt_wav: not base64"),
+    ({"text": TEXT, "prompt_wav": "bm90IGF1ZGlv"}, "prompt_wav: cannot read audio"),
+    ({"text": TEXT, "voice": "me-1", "speed": "fast"}, "speed: a number"),
+    ({"text": TEXT, "voice": "me-1", "speed": 9.0}, "speed must be between"),
+    ({"text": TEXT, "voice": "me-1", "seed": 1.5}, "seed: an integer"),
+    ({"text": "...", "voice": "me-1"}, "nothing speakable"),
+])
+def test_server_answers_a_bad_request_with_400_naming_the_field(server, payload, message):
+    status, headers, body = post(server["url"] + "/synthesize", payload)
+    assert status == 400 and headers["Content-Type"] == "application/json"
+    assert message in json.loads(body)["error"]
+
+
+def test_server_unknown_path_and_unusable_voices_dir(server, system, tmp_path):
+    from cosy.data.kaldi import DataDir
+    from cosy.inference.server import load_voices
+
+    status, _, body = post(server["url"] + "/speak", {"text": TEXT})
+    assert status == 404 and "/synthesize" in json.loads(body)["error"]
+    short = tmp_path / "short.wav"
+    sf.write(short, np.full(800, 0.1, dtype=np.float32), 16000)
+    DataDir({"tiny-1": str(short)}, {"tiny-1": "hi"}, {"tiny-1": "tiny"}).save(tmp_path / "voices")
+    with pytest.raises(CosyError, match=r"--voices .*voices: utterance tiny-1: prompt .* must be at least"):
+        load_voices(system["tts"], tmp_path / "voices")

@@ -274,10 +274,11 @@ class CosyTTS:
         """Float32 audio chunks of `text` as they are made: each LM token goes straight on
         to chunked flow decoding and the streaming vocoder, so the first chunk comes long
         before the LM finishes. Sentences follow one another with a short pause. Bad input
-        raises here, before the first chunk is asked for."""
+        raises here, before the first chunk is asked for. The prompt may be a `Prompt`
+        from `self.prompt`, as in `synthesize_batch`."""
         _check_speed(speed)
         sentences = self.sentences(text)
-        prompt = self.prompt(prompt_wav, prompt_text)
+        prompt = prompt_wav if isinstance(prompt_wav, Prompt) else self.prompt(prompt_wav, prompt_text)
         return self._stream(sentences, prompt, speed, seed)
 
     def _stream(self, sentences: list[list[int]], prompt: Prompt, speed: float,
