@@ -42,7 +42,8 @@ def load_audio(source: str | Path | bytes, sample_rate: int | None = None) -> tu
         handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
         data, rate = sf.read(handle, dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises several types for bad files
-        raise CosyError(f"cannot read audio {name}: {err}") from err
+        detail = str(err).replace(f"Error opening {handle!r}: ", "")  # a buffer's repr says nothing
+        raise CosyError(f"cannot read audio {name}: {detail}") from err
     if data.shape[0] == 0:
         raise CosyError(f"audio file {name} has no samples")
     samples = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
@@ -56,6 +57,15 @@ def resample(samples: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarra
     if orig_rate == target_rate:
         return samples
     return soxr.resample(samples, orig_rate, target_rate, quality="HQ").astype(np.float32)
+
+
+def encode_audio(samples: np.ndarray, sample_rate: int, format: str = "WAV") -> bytes:
+    """Mono float audio as the bytes of a 16-bit PCM file: "WAV", or "RAW" for the bare
+    little-endian samples (what a WAV holds after its header)."""
+    buffer = io.BytesIO()
+    samples = np.asarray(samples, dtype=np.float32).reshape(-1)
+    sf.write(buffer, np.clip(samples, -1.0, 1.0), sample_rate, format=format, subtype="PCM_16", endian="LITTLE")
+    return buffer.getvalue()
 
 
 def save_audio(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:

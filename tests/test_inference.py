@@ -440,6 +440,9 @@ def test_flow_steps_set_the_solver_steps_offline_and_streaming(system, tmp_path,
 
 # ---------------------------------------------------------------------------- cosy serve
 
+VOICE_TEXT = "Some words of the prompt."
+
+
 @pytest.fixture(scope="module")
 def server(system, tmp_path_factory):
     """`cosy serve` on a free port, with the session's prompt as the voice 'me-1'."""
@@ -449,95 +452,149 @@ def server(system, tmp_path_factory):
     from cosy.inference.server import TTSServer, load_voices
 
     voices_dir = tmp_path_factory.mktemp("voices")
-    DataDir({"me-1": str(system["prompt"])}, {"me-1": "Some words of the prompt."}, {"me-1": "me"}).save(voices_dir)
+    DataDir({"me-1": str(system["prompt"])}, {"me-1": VOICE_TEXT}, {"me-1": "me"}).save(voices_dir)
     tts = system["tts"]
     srv = TTSServer(("127.0.0.1", 0), tts, load_voices(tts, voices_dir))
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    yield {"url": f"http://127.0.0.1:{srv.server_address[1]}", "tts": tts}
+    yield {"host": "127.0.0.1", "port": srv.server_address[1], "tts": tts}
     srv.shutdown()
     srv.server_close()
 
 
-def post(url, payload):
-    """POST JSON -> (status, headers, body bytes); error statuses are returned, not raised."""
-    import urllib.error
-    import urllib.request
+def post(server, payload, path="/synthesize", conn=None):
+    """POST JSON -> (status, headers, body bytes), over `conn` if given (keep-alive)."""
+    import http.client
 
+    own = conn is None
+    conn = conn or http.client.HTTPConnection(server["host"], server["port"], timeout=120)
     data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, response.headers, response.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers, err.read()
+    conn.request("POST", path, body=data, headers={"Content-Type": "application/json"})
+    response = conn.getresponse()
+    out = response.status, response.headers, response.read()
+    if own:
+        conn.close()
+    return out
+
+
+def raw_exchange(server, request: bytes) -> bytes:
+    """Send raw request bytes and read the whole answer until the server closes."""
+    import socket
+
+    with socket.create_connection((server["host"], server["port"]), timeout=120) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(1 << 16):
+            answer += chunk
+    return answer
 
 
 def test_server_speaks_a_named_voice_and_a_posted_prompt_as_the_api_does(server, system):
     import base64
-    import io
-    import urllib.request
+    import http.client
 
-    tts, url = server["tts"], server["url"]
-    with urllib.request.urlopen(url + "/health", timeout=30) as response:
-        assert json.load(response) == {"status": "ok", "sample_rate": RATE, "voices": ["me-1"]}
+    from cosy.audio import encode_audio
 
-    status, headers, body = post(url + "/synthesize", {"text": TEXT, "voice": "me-1", "seed": 3})
+    tts = server["tts"]
+    conn = http.client.HTTPConnection(server["host"], server["port"], timeout=120)
+    conn.request("GET", "/health")
+    assert json.loads(conn.getresponse().read()) == {"status": "ok", "sample_rate": RATE, "voices": ["me-1"]}
+
+    # the same connection throughout: keep-alive holds across requests and errors
+    status, headers, body = post(server, {"text": TEXT, "voice": "me-1", "seed": 3}, conn=conn)
+    expected, _ = tts.synthesize(TEXT, tts.prompt(system["prompt"], VOICE_TEXT), seed=3)
     assert status == 200 and headers["Content-Type"] == "audio/wav"
-    got, rate = sf.read(io.BytesIO(body), dtype="float32")
-    expected, _ = tts.synthesize(TEXT, tts.prompt(system["prompt"], "Some words of the prompt."), seed=3)
-    assert rate == RATE and got.shape == expected.shape
-    np.testing.assert_allclose(got, np.clip(expected, -1, 1), atol=1.0 / 32767)
+    assert body == encode_audio(expected, RATE)
 
+    assert post(server, {"text": TEXT}, path="/speak", conn=conn)[0] == 404
     wav = base64.b64encode(system["prompt"].read_bytes()).decode()
-    status, _, body = post(url + "/synthesize", {"text": TEXT, "prompt_wav": wav, "seed": 5, "speed": 1.5})
-    got, _ = sf.read(io.BytesIO(body), dtype="float32")
+    status, _, body = post(server, {"text": TEXT, "prompt_wav": wav, "seed": 5, "speed": 1.5}, conn=conn)
     expected, _ = tts.synthesize(TEXT, system["prompt"], seed=5, speed=1.5)
-    assert status == 200 and got.shape == expected.shape
-    np.testing.assert_allclose(got, np.clip(expected, -1, 1), atol=1.0 / 32767)
+    assert status == 200 and body == encode_audio(expected, RATE)
+    conn.close()
 
 
-def test_server_streams_the_chunks_of_the_streaming_api(server, system):
-    from cosy.inference.server import pcm16
+def test_server_streams_the_api_stream_in_several_http_chunks(server, system):
+    tts = server["tts"]
+    body = json.dumps({"text": TEXT, "voice": "me-1", "seed": 7, "stream": True}).encode()
+    answer = raw_exchange(server, b"POST /synthesize HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    head, rest = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head
+    assert f"X-Sample-Rate: {RATE}".encode() in head
+    chunks = []
+    while True:  # undo the chunked framing by hand
+        size, rest = rest.split(b"\r\n", 1)
+        size = int(size, 16)
+        if size == 0:
+            break
+        chunks.append(rest[:size])
+        assert rest[size:size + 2] == b"\r\n"
+        rest = rest[size + 2:]
+    pcm = np.frombuffer(b"".join(chunks), dtype="<i2").astype(np.float32) / 32768
+    expected = np.concatenate(list(tts.stream(TEXT, tts.prompt(system["prompt"], VOICE_TEXT), seed=7)))
+    assert len(chunks) > 1 and pcm.shape == expected.shape
+    np.testing.assert_allclose(pcm, np.clip(expected, -1, 1), atol=2 / 32768)
 
-    tts, url = server["tts"], server["url"]
-    status, headers, body = post(url + "/synthesize", {"text": TEXT, "voice": "me-1", "seed": 7, "stream": True})
-    assert status == 200 and headers["X-Sample-Rate"] == str(RATE) and headers["Transfer-Encoding"] == "chunked"
-    prompt = tts.prompt(system["prompt"], "Some words of the prompt.")
-    expected = np.concatenate(list(tts.stream(TEXT, prompt, seed=7)))
-    assert len(body) == 2 * len(expected) > 0
-    assert body == pcm16(expected)
+    http10 = raw_exchange(server, b"POST /synthesize HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    head, rest = http10.split(b"\r\n\r\n", 1)
+    assert b"chunked" not in head and rest == b"".join(chunks)
+
+
+def short_wav_base64() -> str:
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    sf.write(buffer, np.full(800, 0.1, dtype=np.float32), 16000, format="WAV")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
 @pytest.mark.parametrize("payload, message", [
     (b"{not json", "not JSON"),
-    ({"voice": "me-1"}, "text:"),
+    ({"voice": "me-1"}, "text: a non-empty string"),
     ({"text": TEXT, "voice": "me-1", "volume": 2}, "unknown field(s) volume"),
     ({"text": TEXT}, "exactly one of voice"),
     ({"text": TEXT, "voice": "me-1", "prompt_wav": "AAAA"}, "exactly one of voice"),
     ({"text": TEXT, "voice": "you"}, "unknown voice 'you'; this server has: me-1"),
+    ({"text": TEXT, "voice": 3}, "voice: a voice name"),
     ({"text": TEXT, "voice": "me-1", "prompt_text": "hi"}, "prompt_text goes with prompt_wav"),
     ({"text": TEXT, "prompt_wav": "not base64!"}, "prompt_wav: not base64"),
-    ({"text": TEXT, "prompt_wav": "bm90IGF1ZGlv"}, "prompt_wav: cannot read audio"),
+    ({"text": TEXT, "prompt_wav": None}, "exactly one of voice"),
+    ({"text": TEXT, "prompt_wav": 12}, "prompt_wav: a base64 audio file"),
+    ({"text": TEXT, "prompt_wav": "bm90IGF1ZGlv"}, "prompt_wav: cannot read audio <bytes>: Format not recognised"),
+    ({"text": TEXT, "prompt_wav": short_wav_base64()}, "prompt_wav: prompt array is 0.05 s long; it must be at least 1 s"),
     ({"text": TEXT, "voice": "me-1", "speed": "fast"}, "speed: a number"),
-    ({"text": TEXT, "voice": "me-1", "speed": 9.0}, "speed must be between"),
+    ({"text": TEXT, "voice": "me-1", "speed": 10**400}, "speed: must be between"),
     ({"text": TEXT, "voice": "me-1", "seed": 1.5}, "seed: an integer"),
+    ({"text": TEXT, "voice": "me-1", "seed": 2**64}, "seed: must be between"),
+    ({"text": TEXT, "voice": "me-1", "stream": 1}, "stream: true or false"),
     ({"text": "...", "voice": "me-1"}, "nothing speakable"),
 ])
 def test_server_answers_a_bad_request_with_400_naming_the_field(server, payload, message):
-    status, headers, body = post(server["url"] + "/synthesize", payload)
+    status, headers, body = post(server, payload)
     assert status == 400 and headers["Content-Type"] == "application/json"
     assert message in json.loads(body)["error"]
 
 
-def test_server_unknown_path_and_unusable_voices_dir(server, system, tmp_path):
+@pytest.mark.parametrize("headers, status", [
+    (b"Transfer-Encoding: chunked\r\n", b"411"),
+    (b"Content-Length: banana\r\n", b"411"),
+    (b"Content-Length: %d\r\nExpect: 100-continue\r\n" % (1 << 30), b"413"),
+])
+def test_server_refuses_bodies_it_cannot_frame_or_take_and_closes(server, headers, status):
+    answer = raw_exchange(server, b"POST /synthesize HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+    head, body = answer.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 " + status) and b"Connection: close" in head
+    assert "error" in json.loads(body)
+
+
+def test_load_voices_names_the_unusable_utterance(system, tmp_path):
     from cosy.data.kaldi import DataDir
     from cosy.inference.server import load_voices
 
-    status, _, body = post(server["url"] + "/speak", {"text": TEXT})
-    assert status == 404 and "/synthesize" in json.loads(body)["error"]
     short = tmp_path / "short.wav"
     sf.write(short, np.full(800, 0.1, dtype=np.float32), 16000)
     DataDir({"tiny-1": str(short)}, {"tiny-1": "hi"}, {"tiny-1": "tiny"}).save(tmp_path / "voices")
-    with pytest.raises(CosyError, match=r"--voices .*voices: utterance tiny-1: prompt .* must be at least"):
+    with pytest.raises(CosyError, match=r"--voices .*voices: utterance tiny-1: prompt .*short.wav is 0.05 s long"):
         load_voices(system["tts"], tmp_path / "voices")

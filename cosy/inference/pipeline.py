@@ -44,10 +44,11 @@ class Prompt:
 
 
 def read_audio(source: AudioSource, what: str) -> tuple[np.ndarray, int, str]:
-    """Mono float32 samples, their rate and a name for messages, from a path or (array, rate)."""
+    """Mono float32 samples, their rate and a name for messages ("prompt voice.wav",
+    "prompt array"), from a path or (array, rate)."""
     if isinstance(source, (str, Path)):
         samples, rate = load_audio(source)
-        return samples, rate, str(source)
+        return samples, rate, f"{what} {source}"
     if not (isinstance(source, tuple) and len(source) == 2):
         raise CosyError(f"{what} must be an audio file path or a (samples, sample_rate) pair")
     samples, rate = np.asarray(source[0], dtype=np.float32), source[1]
@@ -141,11 +142,11 @@ class CosyTTS:
         samples, rate, name = read_audio(wav, "prompt")
         seconds = len(samples) / rate
         if seconds < s.min_prompt_seconds:
-            raise CosyError(f"prompt {name} is {seconds:.2f} s long; it must be at least {s.min_prompt_seconds:g} s")
+            raise CosyError(f"{name} is {seconds:.2f} s long; it must be at least {s.min_prompt_seconds:g} s")
         if float(np.abs(samples).max()) < SILENCE_PEAK:
-            raise CosyError(f"prompt {name} is silent (peak below {SILENCE_PEAK:g}): record some speech")
+            raise CosyError(f"{name} is silent (peak below {SILENCE_PEAK:g}): record some speech")
         if seconds > s.max_prompt_seconds:
-            warnings.warn(f"prompt {name} is {seconds:.1f} s long; using its first {s.max_prompt_seconds:g} s",
+            warnings.warn(f"{name} is {seconds:.1f} s long; using its first {s.max_prompt_seconds:g} s",
                           stacklevel=2)
             samples = samples[:int(s.max_prompt_seconds * rate)]
         from cosy.flow.task import align
@@ -308,11 +309,11 @@ class CosyTTS:
         _check_speed(speed)
         samples, rate, name = read_audio(source_wav, "source")
         if float(np.abs(samples).max()) < SILENCE_PEAK:
-            raise CosyError(f"source {name} is silent (peak below {SILENCE_PEAK:g})")
+            raise CosyError(f"{name} is silent (peak below {SILENCE_PEAK:g})")
         prompt = self.prompt(prompt_wav)
         tokens = self.speech_tokens_of(samples, rate)
         if tokens.numel() == 0:
-            raise CosyError(f"source {name} is too short to give any speech tokens")
+            raise CosyError(f"{name} is too short to give any speech tokens")
         if int(tokens.max()) >= self.parts.flow.cfg.vocab_size:
             raise CosyError(f"the speech tokenizer gave token {int(tokens.max())}, outside the flow decoder's "
                             f"vocabulary of {self.parts.flow.cfg.vocab_size} (flow/config.yaml model.vocab_size)")

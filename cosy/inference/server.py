@@ -5,8 +5,8 @@
     GET  /health       {"status": "ok", "sample_rate": ..., "voices": [names]}
     POST /synthesize   JSON {"text": ..., one of "voice": NAME or "prompt_wav": BASE64 audio
                        file [+ "prompt_text"], "speed": 1.0, "seed": null, "stream": false}
-        -> a 16-bit PCM WAV; with "stream": true, raw 16-bit little-endian mono PCM sent in
-           HTTP chunks as synthesis makes them (rate in the X-Sample-Rate header).
+        -> a 16-bit PCM WAV; with "stream": true, the same samples without the header,
+           sent in HTTP chunks as synthesis makes them (rate in the X-Sample-Rate header).
 
 Bad requests get status 400 and {"error": message naming the field}. The recordings of
 `--voices` (a data dir; each transcript prefixes the LM, as `prompt_text` does) are
@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import io
+import contextlib
 import json
 import logging
 import threading
@@ -27,9 +27,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import numpy as np
-
-from cosy.audio import load_audio
+from cosy.audio import encode_audio, load_audio
 from cosy.errors import CosyError
 from cosy.inference.pipeline import CosyTTS, Prompt
 
@@ -37,19 +35,23 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 << 20  # a 30 s prompt as base64 float WAV is under 15 MiB
 FIELDS = {"text", "voice", "prompt_wav", "prompt_text", "speed", "seed", "stream"}
+SOCKET_TIMEOUT_S = 60  # a client that stops reading a stream must not hold the model for ever
 
 
 @dataclass
 class SynthesisRequest:
     text: str
-    prompt: Prompt
+    voice: str | None        # a name from --voices, or None: prompt_audio is the prompt
+    prompt_audio: bytes       # the decoded prompt_wav file
+    prompt_text: str | None
     speed: float
     seed: int | None
     stream: bool
 
 
-def parse_request(body: bytes, tts: CosyTTS, voices: dict[str, Prompt]) -> SynthesisRequest:
-    """The JSON body of POST /synthesize -> a request; CosyError naming the bad field."""
+def parse_request(body: bytes) -> SynthesisRequest:
+    """The JSON body of POST /synthesize -> a request; CosyError naming the bad field.
+    Pure checks, so a bad request is answered without waiting for the model."""
     try:
         fields = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -59,138 +61,172 @@ def parse_request(body: bytes, tts: CosyTTS, voices: dict[str, Prompt]) -> Synth
     unknown = sorted(set(fields) - FIELDS)
     if unknown:
         raise CosyError(f"unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(FIELDS))}")
-    text = fields.get("text")
-    if not isinstance(text, str) or not text.strip():
+
+    def typed(name: str, kinds: tuple, wanted: str, default=None):
+        value = fields.get(name, default)
+        # bool is an int to Python, never a number or a seed to a client
+        if value is not None and (isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds)):
+            raise CosyError(f"{name}: {wanted} is required, got {value!r}")
+        return value
+
+    text = typed("text", (str,), "a non-empty string")
+    if not text or not text.strip():
         raise CosyError("text: a non-empty string is required")
-    speed, seed, stream = fields.get("speed", 1.0), fields.get("seed"), fields.get("stream", False)
-    if isinstance(speed, bool) or not isinstance(speed, (int, float)):
-        raise CosyError(f"speed: a number is required, got {speed!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise CosyError(f"seed: an integer or null is required, got {seed!r}")
-    if not isinstance(stream, bool):
-        raise CosyError(f"stream: true or false is required, got {stream!r}")
-    if ("voice" in fields) == ("prompt_wav" in fields):
+    speed = typed("speed", (int, float), "a number", 1.0)
+    if not 0.25 <= speed <= 4.0:
+        raise CosyError(f"speed: must be between 0.25 and 4, got {speed!r}")
+    seed = typed("seed", (int,), "an integer or null")
+    if seed is not None and not 0 <= seed < 2**63:
+        raise CosyError(f"seed: must be between 0 and 2**63 - 1, got {seed}")
+    stream = typed("stream", (bool,), "true or false", False)
+    voice = typed("voice", (str,), "a voice name (GET /health lists them)")
+    prompt_wav = typed("prompt_wav", (str,), "a base64 audio file")
+    prompt_text = typed("prompt_text", (str,), "a string")
+    if (voice is None) == (prompt_wav is None):
         raise CosyError("give exactly one of voice (a name from GET /health) and prompt_wav (a base64 audio file)")
-    if "voice" in fields:
-        if "prompt_text" in fields:
-            raise CosyError("prompt_text goes with prompt_wav; a voice carries its own transcript")
-        if not isinstance(fields["voice"], str) or fields["voice"] not in voices:
-            raise CosyError(f"voice: unknown voice {fields['voice']!r}; this server has: "
-                            f"{', '.join(sorted(voices)) or 'none (start it with --voices DATA_DIR)'}")
-        prompt = voices[fields["voice"]]
-    else:
-        prompt_text = fields.get("prompt_text")
-        if prompt_text is not None and not isinstance(prompt_text, str):
-            raise CosyError(f"prompt_text: a string is required, got {prompt_text!r}")
-        try:
-            audio = base64.b64decode(str(fields["prompt_wav"]), validate=True)
-        except binascii.Error as err:
-            raise CosyError(f"prompt_wav: not base64: {err}") from err
-        try:
-            prompt = tts.prompt(load_audio(audio), prompt_text)
-        except CosyError as err:
-            raise CosyError(f"prompt_wav: {err}") from err
-    return SynthesisRequest(text, prompt, float(speed), seed, stream)
-
-
-def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
-    """16-bit PCM WAV file contents."""
-    import soundfile as sf
-
-    buffer = io.BytesIO()
-    sf.write(buffer, np.clip(samples, -1.0, 1.0), rate, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
-
-
-def pcm16(samples: np.ndarray) -> bytes:
-    """Raw 16-bit little-endian PCM of float samples in [-1, 1] (the streamed format)."""
-    return np.round(np.clip(samples, -1.0, 1.0) * 32767).astype("<i2").tobytes()
+    if voice is not None and prompt_text is not None:
+        raise CosyError("prompt_text goes with prompt_wav; a voice carries its own transcript")
+    try:
+        audio = b"" if prompt_wav is None else base64.b64decode(prompt_wav, validate=True)
+    except binascii.Error as err:
+        raise CosyError(f"prompt_wav: not base64: {err}") from err
+    return SynthesisRequest(text, voice, audio, prompt_text, float(speed), seed, stream)
 
 
 class TTSServer(ThreadingHTTPServer):
-    """Serves one `CosyTTS`; syntheses run one at a time (each already uses every core or
-    the GPU, so two at once would only slow both), health checks answer meanwhile."""
-
-    daemon_threads = True
+    """Serves one `CosyTTS`. Syntheses run one at a time: each already uses every core or
+    the GPU, so two at once would only slow both. Health checks answer meanwhile."""
 
     def __init__(self, address: tuple[str, int], tts: CosyTTS, voices: dict[str, Prompt]):
         super().__init__(address, Handler)
         self.tts, self.voices = tts, voices
         self.synthesis_lock = threading.Lock()
 
+    def prompt_of(self, request: SynthesisRequest) -> Prompt:
+        if request.voice is None:
+            try:
+                return self.tts.prompt(load_audio(request.prompt_audio), request.prompt_text)
+            except CosyError as err:
+                raise CosyError(f"prompt_wav: {err}") from err
+        if request.voice not in self.voices:
+            raise CosyError(f"voice: unknown voice {request.voice!r}; this server has: "
+                            f"{', '.join(sorted(self.voices)) or 'none (start it with --voices DATA_DIR)'}")
+        return self.voices[request.voice]
+
 
 class Handler(BaseHTTPRequestHandler):
     server: TTSServer
-    protocol_version = "HTTP/1.1"  # chunked transfer for streaming
+    protocol_version = "HTTP/1.1"  # keep-alive, and chunked replies for streaming
+    timeout = SOCKET_TIMEOUT_S
 
     def do_GET(self) -> None:
         if self.path != "/health":
             return self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path}; try GET /health or POST /synthesize")
-        self._json(HTTPStatus.OK, {"status": "ok", "sample_rate": self.server.tts.sample_rate,
-                                   "voices": sorted(self.server.voices)})
+        self._send(HTTPStatus.OK, "application/json", json.dumps(
+            {"status": "ok", "sample_rate": self.server.tts.sample_rate, "voices": sorted(self.server.voices)}).encode())
 
     def do_POST(self) -> None:
+        body = self._read_body()  # first: a body left unread would be taken for the next request
+        if body is None:
+            return
         if self.path != "/synthesize":
             return self._error(HTTPStatus.NOT_FOUND, f"no such path {self.path}; try POST /synthesize")
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if length < 0:
-            self.close_connection = True
-            return self._error(HTTPStatus.BAD_REQUEST, "Content-Length must be a byte count")
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True  # the unread body would be taken for the next request
-            return self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                               f"the body has {length} bytes; at most {MAX_BODY_BYTES} are taken")
-        body = self.rfile.read(length)
-        tts = self.server.tts
+            request = parse_request(body)
+        except CosyError as err:
+            return self._error(HTTPStatus.BAD_REQUEST, str(err))
         with self.server.synthesis_lock:
-            try:
-                request = parse_request(body, tts, self.server.voices)
-                if request.stream:
-                    # An iterator: bad text raises here, before the 200 goes out.
-                    chunks = tts.stream(request.text, request.prompt, None, request.speed, request.seed)
-                else:
-                    wave, rate = tts.synthesize(request.text, request.prompt, None, request.speed, request.seed)
-            except CosyError as err:
-                return self._error(HTTPStatus.BAD_REQUEST, str(err))
-            except Exception as err:  # the server goes on; the client learns what happened
-                log.exception("synthesis failed")
-                return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"synthesis failed: {err!r}")
+            self._synthesize(request)
+
+    def handle_expect_100(self) -> bool:
+        """Refuse an oversized body before the client sends it."""
+        if self._body_length() > MAX_BODY_BYTES:
+            self._refuse_body()
+            return False
+        return super().handle_expect_100()
+
+    def _body_length(self) -> int:
+        """Content-Length, or -1 where it is missing with a body coming, or malformed."""
+        if "Transfer-Encoding" in self.headers:
+            return -1
+        try:
+            return int(self.headers.get("Content-Length", 0))
+        except ValueError:
+            return -1
+
+    def _read_body(self) -> bytes | None:
+        length = self._body_length()
+        if length < 0 or length > MAX_BODY_BYTES:
+            self._refuse_body()
+            return None
+        return self.rfile.read(length)
+
+    def _refuse_body(self) -> None:
+        length = self._body_length()
+        if length < 0:
+            self._error(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length (no chunked uploads)",
+                        close=True)
+        else:
+            self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                        f"the body has {length} bytes; at most {MAX_BODY_BYTES} are taken", close=True)
+
+    def _synthesize(self, request: SynthesisRequest) -> None:
+        """Answer one request; the caller holds the synthesis lock."""
+        tts = self.server.tts
+        try:
+            prompt = self.server.prompt_of(request)
             if request.stream:
-                return self._stream(chunks, tts.sample_rate)
-        self._send(HTTPStatus.OK, "audio/wav", wav_bytes(wave, rate))
+                # An iterator: bad text raises here, before the 200 goes out.
+                chunks = tts.stream(request.text, prompt, None, request.speed, request.seed)
+            else:
+                wave, rate = tts.synthesize(request.text, prompt, None, request.speed, request.seed)
+        except CosyError as err:
+            return self._error(HTTPStatus.BAD_REQUEST, str(err))
+        except Exception as err:  # the server goes on; the client learns what happened
+            log.exception("synthesis failed")
+            return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"synthesis failed: {err!r}")
+        if not request.stream:
+            return self._send(HTTPStatus.OK, "audio/wav", encode_audio(wave, rate))
+        # Closed here, under the lock: closing restores the global RNG state that a seeded
+        # stream saved, which must not land in the next request's synthesis.
+        with contextlib.closing(chunks):
+            self._stream(chunks, tts.sample_rate)
 
     def _stream(self, chunks, rate: int) -> None:
+        chunked = self.request_version != "HTTP/1.0"  # HTTP/1.0 has no chunks: send, then close
         self.send_response(HTTPStatus.OK)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("X-Sample-Rate", str(rate))
         self.send_header("X-Sample-Format", "s16le")
-        self.send_header("Transfer-Encoding", "chunked")
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Connection", "close")
         self.end_headers()
         try:
             for chunk in chunks:
-                if len(chunk):
-                    data = pcm16(chunk)
-                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-                    self.wfile.flush()
-            self.wfile.write(b"0\r\n\r\n")
-        except ConnectionError:  # the client hung up: stop synthesising for it
+                data = encode_audio(chunk, rate, "RAW")
+                if data:  # an empty chunk would end a chunked body
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        except OSError as err:  # the client hung up or stopped reading: stop synthesising for it
             self.close_connection = True
-            log.info("%s left before the stream ended", self.address_string())
+            log.info("%s: stream ended early: %s", self.address_string(), err)
+        except Exception:  # the headers are out: an unfinished body is all the client can be told
+            self.close_connection = True
+            log.exception("synthesis failed during a stream")
 
-    def _json(self, status: HTTPStatus, payload: dict) -> None:
-        self._send(status, "application/json", json.dumps(payload).encode())
-
-    def _error(self, status: HTTPStatus, message: str) -> None:
+    def _error(self, status: HTTPStatus, message: str, close: bool = False) -> None:
         log.info("%s %s -> %d: %s", self.command, self.path, status, message)
-        self._json(status, {"error": message})
+        self._send(status, "application/json", json.dumps({"error": message}).encode(), close)
 
-    def _send(self, status: HTTPStatus, kind: str, data: bytes) -> None:
+    def _send(self, status: HTTPStatus, kind: str, data: bytes, close: bool = False) -> None:
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(data)))
+        if close:
+            self.send_header("Connection", "close")  # also sets close_connection
         self.end_headers()
         self.wfile.write(data)
 
@@ -219,13 +255,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one)")
     parser.add_argument("--flow-steps", type=int, help="flow decoder solver steps (default: the model dir's)")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if not 0 <= args.port <= 65535:
         raise CosyError(f"--port must be between 0 and 65535, got {args.port}")
+    if args.flow_steps is not None and args.flow_steps < 1:
+        raise CosyError(f"--flow-steps must be at least 1, got {args.flow_steps}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     tts = CosyTTS.from_pretrained(args.model_dir, args.device)
     if args.flow_steps is not None:
         tts.set_flow_steps(args.flow_steps)
