@@ -7,7 +7,8 @@
 #   4. training speed of the LibriTTS recipe's LM and flow decoder at the published v1 sizes
 #      (fp32, bf16, fp16), on the tiny recipe's shards; the tiny LM under DeepSpeed ZeRO 2,
 #      stopped and resumed (where deepspeed is installed);
-#   5. the recipe's speech tokens extracted again on the CPU: the share of tokens that agree.
+#   5. `cosy serve` on cuda with the recipe's model: one WAV and one streamed request;
+#   6. the recipe's speech tokens extracted again on the CPU: the share of tokens that agree.
 # Every check runs even when an earlier one failed; the summary at the end lists each one's status.
 #
 #   tools/check_cuda.sh OUT [CORPUS]
@@ -17,7 +18,7 @@
 # build one there, which needs espeak-ng). SYNTHESIS_BENCH=0 in the environment skips check 2,
 # for a short GPU lease on which it has already run.
 set -uo pipefail
-[ $# -ge 1 ] || { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 1; }
+[ $# -ge 1 ] || { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 1; }
 out=$1
 corpus=${2:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -126,6 +127,37 @@ sys.exit(not ('resumed from' in log and 'step 10,' in log and Checkpoints(sys.ar
   fi
 else
   printf 'v1_training_and_deepspeed\tskipped (the recipe wrote no shards)\t0s\n' >> "$summary"
+fi
+
+# cosy serve on the GPU: the recipe's model with its test recordings as voices, a WAV and a stream
+if [ -d "$out/mini/model" ]; then
+  cat > "$out/serve_client.py" <<'EOF'
+import json, sys, time, urllib.request
+
+url = sys.argv[1]
+for _ in range(120):
+    try:
+        health = json.load(urllib.request.urlopen(url + "/health", timeout=5))
+        break
+    except OSError:
+        time.sleep(1)
+else:
+    sys.exit("the server did not answer /health within 120 s")
+for stream in (False, True):
+    body = {"text": "A short test of the server.", "voice": health["voices"][0], "seed": 0, "stream": stream}
+    start = time.perf_counter()
+    with urllib.request.urlopen(urllib.request.Request(url + "/synthesize", data=json.dumps(body).encode()),
+                                timeout=120) as response:
+        data = response.read(1)
+        first = time.perf_counter() - start
+        data += response.read()
+    print(f"stream={stream}: {len(data)} bytes, first after {first:.3f} s, all after {time.perf_counter() - start:.3f} s")
+    assert len(data) > 1000, "too little audio"
+EOF
+  cosy serve --model-dir "$out/mini/model" --voices "$corpus/test" --device cuda --port 18765 > "$out/serve.log" 2>&1 &
+  server=$!
+  check serve_cuda 180 python "$out/serve_client.py" http://127.0.0.1:18765
+  kill "$server" 2>/dev/null
 fi
 
 if [ -f "$corpus/test/utt2speech_token.safetensors" ]; then
