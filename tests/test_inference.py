@@ -1,4 +1,4 @@
-"""Model dirs, `cosy pack`, `cosy synthesize`, `cosy vc`, CosyTTS, streaming, `cosy bench`.
+"""Model dirs, `cosy pack`, `cosy synthesize`, `cosy vc`, CosyTTS, streaming, `cosy bench`, `cosy serve`.
 
 Every test uses one tiny randomly initialised system packed once per session.
 """
