@@ -140,8 +140,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_expect_100(self) -> bool:
         """Refuse an oversized body before the client sends it."""
-        if self._body_length() > MAX_BODY_BYTES:
-            self._refuse_body()
+        length = self._body_length()
+        if length > MAX_BODY_BYTES:
+            self._refuse_body(length)
             return False
         return super().handle_expect_100()
 
@@ -157,12 +158,11 @@ class Handler(BaseHTTPRequestHandler):
     def _read_body(self) -> bytes | None:
         length = self._body_length()
         if length < 0 or length > MAX_BODY_BYTES:
-            self._refuse_body()
+            self._refuse_body(length)
             return None
         return self.rfile.read(length)
 
-    def _refuse_body(self) -> None:
-        length = self._body_length()
+    def _refuse_body(self, length: int) -> None:
         if length < 0:
             self._error(HTTPStatus.LENGTH_REQUIRED, "send the body with a Content-Length (no chunked uploads)",
                         close=True)
@@ -243,7 +243,7 @@ def load_voices(tts: CosyTTS, data_dir: str) -> dict[str, Prompt]:
     voices = {}
     for utt in data.utts:
         try:
-            voices[utt] = tts.prompt(data.wav[utt], data.text.get(utt))
+            voices[utt] = tts.prompt(data.wav[utt], data.text[utt])
         except CosyError as err:
             raise CosyError(f"--voices {data_dir}: utterance {utt}: {err}") from err
     return voices
