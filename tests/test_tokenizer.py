@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 import transformers
 import yaml
 from safetensors.numpy import load_file
@@ -16,7 +17,9 @@ from cosy.cli import main as cli_main
 from cosy.config import from_dict
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
+from cosy.modules import lengths_to_mask
 from cosy.text.bpe import TextTokenizer
+from cosy.tokenizer.adversary import SpeakerAdversary, SpeakerAdversaryConfig, reverse_gradient
 from cosy.tokenizer.asr_head import greedy_ctc
 from cosy.tokenizer.evaluate import evaluate, format_markdown, nearest_centroid_accuracy, speaker_split
 from cosy.tokenizer.extract import OnnxBackend, TorchBackend, extract, load_checkpoint, merge_parts, save_tokens
@@ -196,6 +199,86 @@ def test_frequency_warp_changes_training_losses_only():
     torch.testing.assert_close(loss(warped, False), loss(plain, False))  # validation is never warped
     torch.testing.assert_close(loss(off, True), loss(plain, True))  # prob 0 warps nothing
     assert not torch.allclose(loss(warped, True), loss(plain, True))
+
+
+def test_reverse_gradient_is_identity_forward_and_negated_scaled_backward():
+    x = torch.randn(3, 4, requires_grad=True)
+    y = reverse_gradient(x, 0.5)
+    assert torch.equal(y, x)
+    (y * torch.arange(4.0)).sum().backward()
+    torch.testing.assert_close(x.grad, -0.5 * torch.arange(4.0).expand(3, 4))
+
+
+def test_speaker_adversary_ignores_padding_and_unknown_speakers():
+    torch.manual_seed(0)
+    adversary = SpeakerAdversary(SpeakerAdversaryConfig(weight=2.0, hidden=8), width=6, num_speakers=3)
+    tokens = torch.randn(3, 5, 6)
+    mask = lengths_to_mask(torch.tensor([5, 2, 4]), 5)
+    loss, accuracy = adversary(tokens, mask, torch.tensor([0, 2, -1]))
+    # only row 0 (5 tokens) and row 1's first 2 tokens count; the loss is summed per
+    # utterance and averaged over the batch, as the CTC loss is
+    logits = adversary.classifier(torch.cat([tokens[0], tokens[1, :2]]))
+    labels = torch.tensor([0] * 5 + [2] * 2)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, labels, reduction="sum") / 3)
+    torch.testing.assert_close(accuracy, (logits.argmax(-1) == labels).float().mean())
+
+
+def test_speaker_adversary_trains_the_classifier_and_reverses_the_tokenizer_gradient():
+    model_dict = tiny_model_dict(quantizer={"kind": "vq", "codebook_size": 16}, adversary={"weight": 0.5, "hidden": 8})
+    torch.manual_seed(0)
+    model = TokenizerModel(from_dict(TokenizerConfig, model_dict, "model"), num_speakers=2)
+    feats, lengths = random_feats([90, 61])
+    batch = {"feats": feats, "feats_lengths": lengths, "speakers": torch.tensor([1, 0]),
+             "text_ids": torch.tensor([[5, 6, 7, 8], [9, 10, -1, -1]]), "text_lengths": torch.tensor([4, 2])}
+    out = model.train()(batch)
+    torch.testing.assert_close(out["loss"], 0.3 * out["ctc"] + 0.7 * out["att"] + out["commit"] + out["adv"])
+    assert 0 <= out["adv_acc"] <= 1
+    # validation loss is the ASR's alone, so checkpoints are still chosen by it
+    evaluated = model.eval()(batch)
+    torch.testing.assert_close(evaluated["loss"], 0.3 * evaluated["ctc"] + 0.7 * evaluated["att"] + evaluated["commit"])
+
+    # the classifier descends its loss; what reaches Encoder1 is -0.5 x the plain gradient
+    # (eval mode: the codebook's EMA must not move between the two passes)
+    def grads(scale):
+        model.zero_grad()
+        model.adversary.weight = scale
+        model(batch)["adv"].backward()
+        return model.adversary.classifier[0].weight.grad.clone(), model.encoder1.input_layer.convs[0].weight.grad.clone()
+
+    classifier_reversed, encoder_reversed = grads(0.5)
+    classifier_plain, encoder_plain = grads(-1.0)  # a reversal by -1 is no reversal
+    torch.testing.assert_close(classifier_reversed, classifier_plain)
+    torch.testing.assert_close(encoder_reversed, -0.5 * encoder_plain)
+
+
+def test_adversary_task_labels_speakers_and_extraction_loads_without_its_list(bpe_path, tmp_path):
+    path, vocab = bpe_path
+    (tmp_path / "spk2utt").write_text("alice a1\nbob b1\n")
+    model_dict = tiny_model_dict(vocab_size=vocab, text_tokenizer=path,
+                                 adversary={"weight": 1.0, "speakers": str(tmp_path / "spk2utt")})
+    cfg = from_dict(TokenizerConfig, model_dict, "model")
+    save_audio(tmp_path / "a.wav", tone(0.5, 300, 0), SR)
+    audio = (tmp_path / "a.wav").read_bytes()
+    rows = [{"utt": u, "spk": spk, "text": "hello world", "audio": audio} for u, spk in
+            [("a", "bob"), ("b", "carol"), ("c", "alice")]]
+    steps = TASK.processors(cfg, True)
+    batch = TASK.collate([process_row(steps, r) for r in rows])
+    assert batch["speakers"].tolist() == [1, -1, 0]  # carol is not a training speaker
+    model = TASK.build(cfg)
+    assert model.adversary.classifier[-1].out_features == 2
+    out = model.train()(batch)
+    assert torch.isfinite(out["loss"]) and "adv" in out
+    # tokens do not depend on the adversary, and a checkpoint loads after its list is gone
+    weights = save_checkpoint(model.eval(), tmp_path / "exp", model_dict)
+    (tmp_path / "spk2utt").unlink()
+    loaded = load_checkpoint(weights)
+    assert loaded.adversary is None
+    assert torch.equal(loaded.tokenize(batch["feats"], batch["feats_lengths"])[0],
+                       model.tokenize(batch["feats"], batch["feats_lengths"])[0])
+    with pytest.raises(CosyError, match="model.adversary.speakers': file not found"):
+        TASK.build(cfg)
+    with pytest.raises(CosyError, match="model.adversary.weight"):
+        TokenizerModel(from_dict(TokenizerConfig, tiny_model_dict(adversary={"weight": -1.0}), "model"))
 
 
 # ------------------------------------------------------------------------------ whisper

@@ -18,13 +18,14 @@ from cosy.train.task import Row, Task
 log = logging.getLogger(__name__)
 
 
-def read_speakers(path: str) -> dict[str, int]:
-    """Speaker id -> class index from the first column of `path` (a spk2utt or a list)."""
+def read_speakers(path: str, key: str = "model.speakers") -> dict[str, int]:
+    """Speaker id -> class index from the first column of `path` (a spk2utt or a list),
+    given by config key `key`."""
     if not path:
-        raise CosyError("config key 'model.speakers' is empty: give the training data dir's spk2utt")
+        raise CosyError(f"config key '{key}' is empty: give the training data dir's spk2utt")
     file = Path(path)
     if not file.is_file():
-        raise CosyError(f"config key 'model.speakers': file not found: {file}")
+        raise CosyError(f"config key '{key}': file not found: {file}")
     index: dict[str, int] = {}
     for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
         fields = line.split()

@@ -48,6 +48,8 @@ OUTPUT = "utt2speech_token.safetensors"
 def load_checkpoint(path: str | Path, device: str = "cpu") -> TokenizerModel:
     """A trained TokenizerModel from `path` (safetensors weights, config.yaml beside it)."""
     cfg, state, config_path = read_experiment(path, "tokenizer", TokenizerConfig)
+    # The speaker adversary only served training; its speaker list need not exist here.
+    state = {key: value for key, value in state.items() if not key.startswith("adversary.")}
     return load_weights(TokenizerModel(cfg), state, path, config_path).to(device).eval()
 
 

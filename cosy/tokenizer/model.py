@@ -21,6 +21,7 @@ from cosy.audio import FrequencyWarpConfig, WhisperMelConfig, random_warp, whisp
 from cosy.errors import CosyError
 from cosy.modules import Encoder, EncoderConfig, lengths_to_mask
 from cosy.text.bpe import TextTokenizer
+from cosy.tokenizer.adversary import SpeakerAdversary, SpeakerAdversaryConfig
 from cosy.tokenizer.asr_head import AttentionDecoder, DecoderConfig, ctc_loss, greedy_ctc
 from cosy.tokenizer.quantize import QuantizerConfig, build_quantizer
 
@@ -49,6 +50,8 @@ class TokenizerConfig:
     max_seconds: longest audio the model accepts at once (the position tables' limit).
     warp: frequency-warp augmentation of the training log-mels. The same transcript then
     comes in more voices, which is meant to give the codes more reason to drop the voice.
+    adversary: a speaker classifier on the codes whose reversed gradient trains the
+    tokenizer to hide the voice (see `cosy.tokenizer.adversary`); off at weight 0.
     """
 
     mel: WhisperMelConfig = field(default_factory=WhisperMelConfig)
@@ -64,6 +67,7 @@ class TokenizerConfig:
     whisper_layers: int | None = None
     max_seconds: float = 30.0
     warp: FrequencyWarpConfig = field(default_factory=FrequencyWarpConfig)
+    adversary: SpeakerAdversaryConfig = field(default_factory=SpeakerAdversaryConfig)
 
 
 def load_text_tokenizer(cfg: TokenizerConfig) -> TextTokenizer:
@@ -78,10 +82,14 @@ def log_mel(wave: Tensor, cfg: TokenizerConfig, lengths: Tensor | None = None) -
 
 
 class TokenizerModel(nn.Module):
-    def __init__(self, cfg: TokenizerConfig):
+    """num_speakers > 0 adds the speaker adversary (training only: tokenizing, transcribing
+    and export do not use it, and `load_checkpoint` builds the model without it)."""
+
+    def __init__(self, cfg: TokenizerConfig, num_speakers: int = 0):
         super().__init__()
         self.cfg = cfg
         cfg.warp.check("model.warp")
+        cfg.adversary.check("model.adversary")
         if cfg.vocab_size < 1:
             raise CosyError(f"config key 'model.vocab_size' must be >= 1, got {cfg.vocab_size}")
         if cfg.whisper_path:
@@ -110,6 +118,7 @@ class TokenizerModel(nn.Module):
         self.ctc = nn.Linear(cfg.encoder2.d_model, cfg.vocab_size + 1)
         self.decoder = (AttentionDecoder(cfg.decoder, cfg.encoder2.d_model, cfg.vocab_size)
                         if cfg.decoder.n_layers > 0 and cfg.att_weight > 0 else None)
+        self.adversary = SpeakerAdversary(cfg.adversary, width, num_speakers) if num_speakers > 0 else None
 
     @property
     def token_rate(self) -> float:
@@ -136,15 +145,23 @@ class TokenizerModel(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, Tensor]:
         """batch: feats (batch, n_mels, frames), feats_lengths, text_ids (batch, L) padded
-        with -1, text_lengths -> loss terms."""
+        with -1, text_lengths, with the adversary speakers (batch,) -> loss terms.
+
+        The adversary's loss is in the total only in training: validation loss stays the ASR's.
+        """
         self._check_length(batch["feats"])
         feats = random_warp(batch["feats"], self.cfg.warp, self.cfg.mel)[0] if self.training else batch["feats"]
         x, lengths = self.encode(feats, batch["feats_lengths"])
         mask = lengths_to_mask(lengths, x.shape[1])
         x, _, losses = self.quantizer(x, mask)
+        out = {}
+        if self.adversary is not None:
+            out["adv"], out["adv_acc"] = self.adversary(x, mask, batch["speakers"])
         x, lengths = self.encoder2(x, lengths)
-        out = {"ctc": ctc_loss(self.ctc(x), lengths, batch["text_ids"], batch["text_lengths"], self.blank)}
+        out["ctc"] = ctc_loss(self.ctc(x), lengths, batch["text_ids"], batch["text_lengths"], self.blank)
         total = self.cfg.ctc_weight * out["ctc"]
+        if self.training and self.adversary is not None:
+            total = total + out["adv"]
         if self.decoder is not None:
             out["att"], out["acc"] = self.decoder(x, lengths, batch["text_ids"], batch["text_lengths"])
             total = total + self.cfg.att_weight * out["att"]
