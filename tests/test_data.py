@@ -166,7 +166,7 @@ def test_shards_round_trip_with_features_and_corrupt_audio(tmp_path, caplog, num
     tokens, embs, spk_embs = add_features(root, data, skip="s0-u04")
     (root / "wavs" / "s1-u03.wav").write_bytes(b"RIFF\x00\x00garbage")
     with caplog.at_level(logging.WARNING):
-        result = write_shards(root, tmp_path / "shards", utts_per_shard=2, num_workers=num_workers)
+        result = write_shards(root, tmp_path / "shards", utts_per_shard=2, num_workers=num_workers, seed=None)
     assert "s1-u03" in caplog.text and "s1-u03.wav" in caplog.text
     assert [(s.utt, Path(s.path).name) for s in result.skipped] == [("s1-u03", "s1-u03.wav")]
     assert result.rows == 4
@@ -200,6 +200,23 @@ def test_shards_without_features_are_null_and_cli_summarises(tmp_path, capsys):
     rows = list(read_shard(read_list(tmp_path / "out" / "data.list")[0]))
     assert len(rows) == 3
     assert all(r["speech_token"] is None and r["embedding"] is None and r["spk_embedding"] is None for r in rows)
+
+
+def test_shards_mix_speakers_in_a_seeded_order(tmp_path, capsys):
+    make_dir(tmp_path / "data", n_utts=12)
+
+    def speakers_per_shard(out, *flags):
+        assert main(["data", "shards", str(tmp_path / "data"), str(tmp_path / out), "--utts-per-shard", "6", *flags]) == 0
+        rows = [list(read_shard(p)) for p in read_list(tmp_path / out / "data.list")]
+        assert sorted(r["utt"] for shard in rows for r in shard) == DataDir.load(tmp_path / "data").utts
+        return [sorted({r["spk"] for r in shard}) for shard in rows], [[r["utt"] for r in shard] for shard in rows]
+
+    # in the dir's order each shard holds one of the two speakers; shuffled, both
+    assert speakers_per_shard("plain", "--no-shuffle")[0] == [["s0"], ["s1"]]
+    mixed, order = speakers_per_shard("a")
+    assert mixed == [["s0", "s1"], ["s0", "s1"]]
+    assert speakers_per_shard("b")[1] == order  # the same seed, the same shards
+    assert speakers_per_shard("c", "--seed", "1")[1] != order
 
 
 def test_shards_bad_arguments_and_bad_shard(tmp_path):

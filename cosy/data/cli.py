@@ -17,6 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shards.add_argument("out", help="output folder")
     shards.add_argument("--utts-per-shard", type=int, default=1000)
     shards.add_argument("--num-workers", type=int, default=1)
+    shards.add_argument("--seed", type=int, default=0, help="seed of the utterances' order across shards")
+    shards.add_argument("--no-shuffle", action="store_true",
+                        help="keep the data dir's order (by utterance id, so a shard holds few speakers)")
 
     subset = sub.add_parser("subset", help="a data dir with a random fraction of each speaker's utterances")
     subset.add_argument("dir", help="data dir")
@@ -59,7 +62,8 @@ def _validate(args: argparse.Namespace) -> int:
 def _shards(args: argparse.Namespace) -> int:
     from cosy.data.shards import write_shards
 
-    result = write_shards(args.dir, args.out, args.utts_per_shard, args.num_workers)
+    result = write_shards(args.dir, args.out, args.utts_per_shard, args.num_workers,
+                          None if args.no_shuffle else args.seed)
     print(f"wrote {result.rows} utterances in {len(result.shards)} shard(s) to {args.out}; "
           f"skipped {len(result.skipped)} with unreadable audio")
     return 0

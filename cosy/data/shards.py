@@ -8,6 +8,7 @@ its utterance id and left out; it never stops the job.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing import get_context
@@ -58,8 +59,14 @@ class ShardResult:
 
 
 def write_shards(data_dir: str | Path, out: str | Path, utts_per_shard: int = 1000,
-                 num_workers: int = 1) -> ShardResult:
-    """Write `out/shard_%05d.parquet` and `out/data.list` (absolute shard paths)."""
+                 num_workers: int = 1, seed: int | None = 0) -> ShardResult:
+    """Write `out/shard_%05d.parquet` and `out/data.list` (absolute shard paths).
+
+    Utterances go to shards in an order shuffled by `seed` (None: the data dir's order).
+    A data dir is sorted by utterance id, which usually groups a speaker's utterances, and
+    training reads shards through a shuffle buffer smaller than the data: without this,
+    each batch would come from the few speakers of one or two shards.
+    """
     if utts_per_shard < 1:
         raise CosyError(f"--utts-per-shard must be at least 1, got {utts_per_shard}")
     if num_workers < 1:
@@ -70,6 +77,8 @@ def write_shards(data_dir: str | Path, out: str | Path, utts_per_shard: int = 10
     features = {col: Path(data_dir) / name for col, (name, _) in FEATURES.items()
                 if (Path(data_dir) / name).is_file()}
     utts = data.utts
+    if seed is not None:
+        random.Random(seed).shuffle(utts)
     jobs = [(data.subset(utts[i:i + utts_per_shard]), features, out / f"shard_{i // utts_per_shard:05d}.parquet")
             for i in range(0, len(utts), utts_per_shard)]
     if num_workers == 1 or len(jobs) == 1:

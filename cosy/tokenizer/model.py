@@ -50,8 +50,8 @@ class TokenizerConfig:
     max_seconds: longest audio the model accepts at once (the position tables' limit).
     warp: frequency-warp augmentation of the training log-mels. The same transcript then
     comes in more voices, which is meant to give the codes more reason to drop the voice.
-    adversary: a speaker classifier on the codes whose reversed gradient trains the
-    tokenizer to hide the voice (see `cosy.tokenizer.adversary`); off at weight 0.
+    adversary: a speaker classifier on the codes, which the tokenizer learns to confuse so
+    that the codes hide the voice (see `cosy.tokenizer.adversary`); off at weight 0.
     """
 
     mel: WhisperMelConfig = field(default_factory=WhisperMelConfig)
@@ -147,7 +147,7 @@ class TokenizerModel(nn.Module):
         """batch: feats (batch, n_mels, frames), feats_lengths, text_ids (batch, L) padded
         with -1, text_lengths, with the adversary speakers (batch,) -> loss terms.
 
-        The adversary's loss is in the total only in training: validation loss stays the ASR's.
+        The adversary's losses are in the total only in training: validation loss stays the ASR's.
         """
         self._check_length(batch["feats"])
         feats = random_warp(batch["feats"], self.cfg.warp, self.cfg.mel)[0] if self.training else batch["feats"]
@@ -156,12 +156,12 @@ class TokenizerModel(nn.Module):
         x, _, losses = self.quantizer(x, mask)
         out = {}
         if self.adversary is not None:
-            out["adv"], out["adv_acc"] = self.adversary(x, mask, batch["speakers"])
+            out.update(self.adversary(x, mask, batch["speakers"]))
         x, lengths = self.encoder2(x, lengths)
         out["ctc"] = ctc_loss(self.ctc(x), lengths, batch["text_ids"], batch["text_lengths"], self.blank)
         total = self.cfg.ctc_weight * out["ctc"]
         if self.training and self.adversary is not None:
-            total = total + out["adv"]
+            total = total + out["adv"] + self.cfg.adversary.weight * out["confusion"]
         if self.decoder is not None:
             out["att"], out["acc"] = self.decoder(x, lengths, batch["text_ids"], batch["text_lengths"])
             total = total + self.cfg.att_weight * out["att"]
