@@ -201,22 +201,21 @@ def test_frequency_warp_changes_training_losses_only():
     assert not torch.allclose(loss(warped, True), loss(plain, True))
 
 
-def test_speaker_adversary_losses_ignore_padding_and_label_only_known_speakers():
+def test_speaker_adversary_judges_each_utterance_by_its_mean_token():
     torch.manual_seed(0)
     adversary = SpeakerAdversary(SpeakerAdversaryConfig(weight=2.0, hidden=8), width=6, num_speakers=3)
     tokens = torch.randn(3, 5, 6)
-    mask = lengths_to_mask(torch.tensor([5, 2, 4]), 5)
-    out = adversary(tokens, mask, torch.tensor([0, 2, -1]))
-    # the classifier learns from row 0 (5 tokens) and row 1's first 2; the confusion loss
-    # needs no label and takes row 2's 4 tokens too. Both are summed per utterance and
-    # averaged over the batch, as the CTC loss is.
-    logits = adversary.classifier(torch.cat([tokens[0], tokens[1, :2]]))
-    labels = torch.tensor([0] * 5 + [2] * 2)
-    torch.testing.assert_close(out["adv"], F.cross_entropy(logits, labels, reduction="sum") / 3)
-    torch.testing.assert_close(out["adv_acc"], (logits.argmax(-1) == labels).float().mean())
-    probs = adversary.classifier(torch.cat([tokens[0], tokens[1, :2], tokens[2, :4]])).softmax(-1)
-    uniform = torch.full_like(probs, 1 / 3)
-    torch.testing.assert_close(out["confusion"], F.kl_div(probs.log(), uniform, reduction="sum") / 3)
+    lengths = torch.tensor([5, 2, 4])
+    out = adversary(tokens, lengths_to_mask(lengths, 5), torch.tensor([0, 2, -1]))
+    # padding is left out of the mean; the classifier learns from the two known speakers,
+    # the confusion loss needs no label and takes all three utterances
+    logits = adversary.classifier(torch.stack([tokens[i, :n].mean(0) for i, n in enumerate(lengths)]))
+    torch.testing.assert_close(out["adv"], F.cross_entropy(logits[:2], torch.tensor([0, 2])))
+    torch.testing.assert_close(out["adv_acc"], (logits[:2].argmax(-1) == torch.tensor([0, 2])).float().mean())
+    uniform = torch.full_like(logits, 1 / 3)
+    torch.testing.assert_close(out["confusion"], F.kl_div(logits.log_softmax(-1), uniform, reduction="batchmean"))
+    # a batch of unknown speakers still has a (zero) classifier loss to add
+    assert adversary(tokens, lengths_to_mask(lengths, 5), torch.tensor([-1, -1, -1]))["adv"] == 0
 
 
 def test_speaker_adversary_trains_the_classifier_and_the_tokenizer_on_separate_losses():

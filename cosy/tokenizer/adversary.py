@@ -2,15 +2,21 @@
 
 The ASR loss alone leaves the voice in the codes: on the mini corpus a speaker is named
 from the histogram of its tokens more often than from its log-mel. Here a classifier
-learns to name the training speaker of every token, and the tokenizer learns to make that
-classifier's answer uniform over the speakers (domain confusion: Tzeng et al. 2015; Alvi
-et al. 2018). Reversing the classifier's gradient instead (Ganin and Lempitsky 2015)
-was tried first: it rewards codes that fool the classifier with confidently wrong
-answers, which still name the speaker, and on the mini corpus it stalled the ASR.
+learns to name an utterance's training speaker from its tokens, and the tokenizer learns
+to make that classifier's answer uniform over the speakers (domain confusion: Tzeng et
+al. 2015; Alvi et al. 2018).
+
+Two other forms were tried on the mini corpus and dropped (recipes/mini/RESULTS.md, "A
+speaker adversary in the tokenizer's training"): reversing the classifier's gradient
+(Ganin and Lempitsky 2015) rewards codes that fool the classifier with confidently wrong
+answers, and stalled the ASR; a classifier of single tokens found almost no voice in any
+one token (4% right against a chance of 3%), and at weight 1 its confusion loss stalled
+the ASR too.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +34,9 @@ class SpeakerAdversaryConfig:
     classifier tells apart. Utterances of other speakers do not train the classifier but
     still take part in the confusion loss, which needs no labels.
     weight: the confusion loss's weight in the tokenizer's loss. Both adversary losses are
-    normalised as the CTC loss is (summed over an utterance's tokens, averaged over the
-    batch), so 1.0 weighs a token's voice about as much as its transcript.
+    per utterance, averaged over the batch, while the CTC loss is summed over an
+    utterance's tokens: a weight near the tokens per utterance weighs the voice about as
+    much as the transcript.
     hidden: width of the classifier's hidden layer.
     """
 
@@ -52,19 +59,21 @@ class SpeakerAdversary(nn.Module):
     def forward(self, tokens: Tensor, mask: Tensor, speakers: Tensor) -> dict[str, Tensor]:
         """tokens (batch, frames, width) from the quantiser, mask (batch, frames) true on real
         tokens, speakers (batch,) class indices, -1 for a speaker the classifier does not know
-        -> adv: the classifier's cross-entropy (it trains the classifier only);
-        confusion: KL(uniform || the classifier's posterior) (it trains the tokenizer only;
-        0 when the tokens tell nothing of the speaker); adv_acc: the classifier's accuracy
-        over the known speakers' tokens.
+        -> adv: the classifier's cross-entropy over the known speakers (it trains the
+        classifier only); confusion: KL(uniform || the classifier's posterior) over all
+        utterances (it trains the tokenizer only; 0 when the tokens tell nothing of the
+        speaker); adv_acc: the classifier's accuracy over the known speakers.
+
+        The classifier sees an utterance's mean token, a soft histogram of its codes: one
+        token says little of the voice, their distribution names it.
         """
-        batch = tokens.shape[0]
-        logits = self.classifier(tokens.detach())
-        labels = speakers[:, None].expand_as(mask).masked_fill(~mask, -1)
-        known = labels >= 0
-        adv = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-1, reduction="sum") / batch
+        weights = mask.to(tokens.dtype)[..., None]
+        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
+        known = speakers >= 0
+        logits = self.classifier(pooled.detach()).float()
+        adv = F.cross_entropy(logits, speakers, ignore_index=-1) if known.any() else logits.sum() * 0
         frozen = {name: p.detach() for name, p in self.classifier.named_parameters()}
-        log_probs = torch.func.functional_call(self.classifier, frozen, (tokens,)).float().log_softmax(-1)
-        kl = -log_probs.mean(-1) - torch.log(torch.tensor(float(log_probs.shape[-1])))
-        confusion = kl.masked_fill(~mask, 0).sum() / batch
-        accuracy = ((logits.argmax(-1) == labels) & known).sum() / known.sum().clamp(min=1)
+        log_probs = torch.func.functional_call(self.classifier, frozen, (pooled,)).float().log_softmax(-1)
+        confusion = (-log_probs.mean(-1) - math.log(log_probs.shape[-1])).mean()
+        accuracy = ((logits.argmax(-1) == speakers) & known).sum() / known.sum().clamp(min=1)
         return {"adv": adv, "confusion": confusion, "adv_acc": accuracy}
