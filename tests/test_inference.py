@@ -89,6 +89,24 @@ def test_pack_takes_the_best_indexed_checkpoint(system, tmp_path):
     assert resolve_source("llm", exp)[0] == exp / "model.safetensors"
 
 
+def test_pack_leaves_out_the_tokenizer_speaker_adversary(system, tmp_path):
+    from safetensors.torch import load_file, save_file
+    exp = tmp_path / "tokenizer"
+    shutil.copytree(system["dirs"]["tokenizer"], exp)
+    config = yaml.safe_load((exp / "config.yaml").read_text())
+    config["model"]["adversary"] = {"weight": 1.0, "speakers": str(tmp_path / "gone" / "spk2utt"), "hidden": 4}
+    (exp / "config.yaml").write_text(yaml.safe_dump(config))
+    state = load_file(exp / "model.safetensors")
+    width = config["model"]["encoder1"]["d_model"]
+    save_file({**state, "adversary.classifier.0.weight": torch.zeros(4, width), "adversary.classifier.0.bias": torch.zeros(4),
+               "adversary.classifier.2.weight": torch.zeros(2, 4), "adversary.classifier.2.bias": torch.zeros(2)},
+              exp / "model.safetensors")
+    model = pack({**system["dirs"], "tokenizer": exp}, system["tokenizer"], tmp_path / "model")
+    assert load_file(model / "tokenizer" / "model.safetensors").keys() == state.keys()
+    assert "adversary" not in yaml.safe_load((model / "tokenizer" / "config.yaml").read_text())["model"]
+    assert CosyTTS.from_pretrained(model).parts.tokenizer is not None
+
+
 def test_pack_half_stores_float16_and_loads_as_float32(system, tmp_path):
     from safetensors.torch import load_file
     model = pack(system["dirs"], system["tokenizer"], tmp_path / "half", half=True)

@@ -17,9 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     shards.add_argument("out", help="output folder")
     shards.add_argument("--utts-per-shard", type=int, default=1000)
     shards.add_argument("--num-workers", type=int, default=1)
-    shards.add_argument("--seed", type=int, default=0, help="seed of the utterances' order across shards")
-    shards.add_argument("--no-shuffle", action="store_true",
-                        help="keep the data dir's order (by utterance id, so a shard holds few speakers)")
+    order = shards.add_mutually_exclusive_group()
+    order.add_argument("--seed", type=int, default=0, help="seed of the utterances' order across shards")
+    order.add_argument("--no-shuffle", action="store_true",
+                       help="keep the data dir's order (by utterance id, so a shard holds few speakers)")
 
     subset = sub.add_parser("subset", help="a data dir with a random fraction of each speaker's utterances")
     subset.add_argument("dir", help="data dir")

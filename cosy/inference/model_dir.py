@@ -125,6 +125,8 @@ def _part_config(part: str, config: Path, folder: Path) -> dict:
         model = model_section(config, part)
     except CosyError as err:
         raise CosyError(f"--{part}: {err}") from err
+    if part == "tokenizer":
+        model.pop("adversary", None)  # training only, with a training-time speaker list
     if part == "llm":
         model["tokenizer"] = ""  # training-time path; the model dir carries its own tokenizer.json
         if model.get("backbone") == "hf":
@@ -139,16 +141,22 @@ def _part_config(part: str, config: Path, folder: Path) -> dict:
 
 def _copy_weights(part: str, weights: Path, target: Path, half: bool = False) -> None:
     """Copy the inference weights: the trainer's checkpoints also hold training-only
-    submodules (speaker classifier, vocoder discriminator) that are dropped here. With
-    `half`, floating-point tensors are stored as float16 (loading casts them back)."""
-    prefix = {"speaker": "encoder.", "vocoder": "generator."}.get(part)
-    if prefix is None and not half:
+    submodules (speaker classifier, vocoder discriminator, the tokenizer's speaker
+    adversary) that are dropped here. With `half`, floating-point tensors are stored as
+    float16 (loading casts them back)."""
+    from cosy.tokenizer.model import TRAINING_ONLY
+
+    keep = {"speaker": "encoder.", "vocoder": "generator."}.get(part)
+    drop = {"tokenizer": TRAINING_ONLY}.get(part)
+    if keep is None and drop is None and not half:
         shutil.copy(weights, target)
         return
     try:
-        state = read_weights(weights, prefix)
+        state = read_weights(weights, keep)
     except CosyError as err:
         raise CosyError(f"--{part}: {err}") from err
+    if drop:
+        state = {k: v for k, v in state.items() if not k.startswith(drop)}
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     save_weights(target, state)

@@ -64,14 +64,17 @@ class SpeakerAdversary(nn.Module):
         utterances (it trains the tokenizer only; 0 when the tokens tell nothing of the
         speaker); adv_acc: the classifier's accuracy over the known speakers.
 
-        The classifier sees an utterance's mean token, a soft histogram of its codes: one
-        token says little of the voice, their distribution names it.
+        The classifier sees an utterance's mean token: for VQ the mean of its codebook
+        vectors, a projection of its code histogram to the token width (for FSQ, only the
+        mean of each digit). One token says little of the voice, their distribution names it.
         """
-        weights = mask.to(tokens.dtype)[..., None]
-        pooled = (tokens * weights).sum(1) / weights.sum(1).clamp(min=1)
+        weights = mask.float()[..., None]
+        pooled = (tokens.float() * weights).sum(1) / weights.sum(1).clamp(min=1)
         known = speakers >= 0
         logits = self.classifier(pooled.detach()).float()
-        adv = F.cross_entropy(logits, speakers, ignore_index=-1) if known.any() else logits.sum() * 0
+        # summed and divided rather than averaged: 0, not NaN, for a batch of unknown
+        # speakers, with the classifier still in the graph (DDP needs every parameter used)
+        adv = F.cross_entropy(logits, speakers, ignore_index=-1, reduction="sum") / known.sum().clamp(min=1)
         frozen = {name: p.detach() for name, p in self.classifier.named_parameters()}
         log_probs = torch.func.functional_call(self.classifier, frozen, (pooled,)).float().log_softmax(-1)
         confusion = (-log_probs.mean(-1) - math.log(log_probs.shape[-1])).mean()

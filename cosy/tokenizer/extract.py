@@ -37,7 +37,7 @@ from cosy.audio import WhisperMelConfig, load_audio, whisper_log_mel
 from cosy.checkpoint import load_weights, read_experiment
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
-from cosy.tokenizer.model import TokenizerConfig, TokenizerModel
+from cosy.tokenizer.model import TRAINING_ONLY, TokenizerConfig, TokenizerModel
 from cosy.train.checkpoint import atomic_write
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> TokenizerModel:
     """A trained TokenizerModel from `path` (safetensors weights, config.yaml beside it)."""
     cfg, state, config_path = read_experiment(path, "tokenizer", TokenizerConfig)
     # The speaker adversary only served training; its speaker list need not exist here.
-    state = {key: value for key, value in state.items() if not key.startswith("adversary.")}
+    state = {key: value for key, value in state.items() if not key.startswith(TRAINING_ONLY)}
     return load_weights(TokenizerModel(cfg), state, path, config_path).to(device).eval()
 
 

@@ -70,6 +70,10 @@ class TokenizerConfig:
     adversary: SpeakerAdversaryConfig = field(default_factory=SpeakerAdversaryConfig)
 
 
+# Weights only training uses; tokenizing, export and model dirs leave them out.
+TRAINING_ONLY = "adversary."
+
+
 def load_text_tokenizer(cfg: TokenizerConfig) -> TextTokenizer:
     """The BPE tokenizer named by `cfg.text_tokenizer`; the ASR head predicts exactly its vocabulary."""
     return TextTokenizer.load_for_model(cfg.text_tokenizer, "model.text_tokenizer", cfg.vocab_size,
