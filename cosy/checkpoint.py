@@ -101,14 +101,19 @@ def read_experiment(weights: str | Path, task: str, config_cls: type, config: st
 
 
 def load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], weights: str | Path,
-                 config_path: str | Path | None = None) -> torch.nn.Module:
+                 config_path: str | Path | None = None, optional: tuple[str, ...] = ()) -> torch.nn.Module:
     """Load `state` (read from `weights`) into `module` (built from `config_path`).
 
     A mismatch raises a CosyError naming both files and the first parameters at fault,
-    rather than torch's multi-line RuntimeError.
+    rather than torch's multi-line RuntimeError. Parameters under the `optional` prefixes
+    (training-only parts) may be absent from `state`, where the module keeps its own, or
+    from the module, where they are ignored.
     """
     where = f"{weights} does not fit {config_path or 'the model'}"
     expected = module.state_dict()
+    if optional:
+        state = {k: v for k, v in state.items() if k in expected or not k.startswith(optional)}
+        state.update({k: v for k, v in expected.items() if k.startswith(optional) and k not in state})
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 
 from cosy.audio import WhisperMelConfig, save_audio, whisper_log_mel
 from cosy.cli import main as cli_main
+from cosy.checkpoint import load_weights
 from cosy.config import from_dict
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
@@ -244,6 +245,21 @@ def test_speaker_adversary_trains_the_classifier_and_the_tokenizer_on_separate_l
     # the classifier's loss moves only the classifier; the confusion loss only the tokenizer
     assert has_grad("adv", model.adversary) and not has_grad("adv", model.encoder1)
     assert has_grad("confusion", model.encoder1) and not has_grad("confusion", model.adversary)
+
+
+def test_train_init_may_add_or_drop_the_speaker_adversary():
+    """Fine-tuning a trained tokenizer with the adversary (or without it) starts from its weights."""
+    cfg = from_dict(TokenizerConfig, tiny_model_dict(adversary={"weight": 1.0, "hidden": 8}), "model")
+    torch.manual_seed(0)
+    plain, with_adversary = TokenizerModel(cfg), TokenizerModel(cfg, num_speakers=3)
+    fresh = {k: v.clone() for k, v in with_adversary.state_dict().items() if k.startswith("adversary.")}
+    load_weights(with_adversary, plain.state_dict(), "plain.safetensors", optional=TASK.training_only)
+    state = with_adversary.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in plain.state_dict().items())
+    assert all(torch.equal(state[k], v) for k, v in fresh.items())  # the classifier starts fresh
+    load_weights(plain, state, "adversary.safetensors", optional=TASK.training_only)
+    with pytest.raises(CosyError, match="missing.*adversary"):
+        load_weights(TokenizerModel(cfg, num_speakers=3), plain.state_dict(), "plain.safetensors")
 
 
 def test_adversary_task_labels_speakers_and_extraction_loads_without_its_list(bpe_path, tmp_path):

@@ -48,9 +48,9 @@ OUTPUT = "utt2speech_token.safetensors"
 def load_checkpoint(path: str | Path, device: str = "cpu") -> TokenizerModel:
     """A trained TokenizerModel from `path` (safetensors weights, config.yaml beside it)."""
     cfg, state, config_path = read_experiment(path, "tokenizer", TokenizerConfig)
-    # The speaker adversary only served training; its speaker list need not exist here.
-    state = {key: value for key, value in state.items() if not key.startswith(TRAINING_ONLY)}
-    return load_weights(TokenizerModel(cfg), state, path, config_path).to(device).eval()
+    # Built without the speaker adversary, which only served training: its speaker list
+    # need not exist here.
+    return load_weights(TokenizerModel(cfg), state, path, config_path, (TRAINING_ONLY,)).to(device).eval()
 
 
 class TorchBackend:

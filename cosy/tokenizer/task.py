@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pad_sequence
 from cosy.audio import load_audio
 from cosy.errors import CosyError
 from cosy.speaker.task import read_speakers
-from cosy.tokenizer.model import TokenizerConfig, TokenizerModel, load_text_tokenizer, log_mel
+from cosy.tokenizer.model import TRAINING_ONLY, TokenizerConfig, TokenizerModel, load_text_tokenizer, log_mel
 from cosy.train.task import Row, Task
 
 log = logging.getLogger(__name__)
@@ -78,4 +78,5 @@ TASK = Task(
     processors=processors,
     collate=collate,
     num_frames=lambda row: int(row["feats"].shape[1]),
+    training_only=(TRAINING_ONLY,),
 )

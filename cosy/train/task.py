@@ -28,6 +28,9 @@ class Task:
     collate: list of processed rows -> batch dict of padded tensors (with lengths).
     num_frames: processed row -> its size for dynamic batching (frames or tokens).
     gan: True when the model is trained adversarially (two optimisers).
+    training_only: prefixes of submodules that only training uses (an auxiliary
+        classifier): a `train.init` checkpoint may lack them or hold them where the
+        model has none.
     """
 
     name: str
@@ -37,6 +40,7 @@ class Task:
     collate: Callable[[list[Row]], dict[str, Any]]
     num_frames: Callable[[Row], int]
     gan: bool = False
+    training_only: tuple[str, ...] = ()
 
 
 def process_row(processors: list[Callable[[Row], Row | None]], row: Row) -> Row | None:

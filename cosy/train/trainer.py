@@ -188,7 +188,7 @@ class Trainer:
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.model = task.build(config.model)
         if t.init and not (resume and self.checkpoints.entries):
-            load_weights(self.model, read_weights(t.init), t.init, "the config's model: section")
+            load_weights(self.model, read_weights(t.init), t.init, "the config's model: section", task.training_only)
             log.info("initialised from %s", t.init)
         self.model = self.model.to(self.dist.device)
         parts = ("generator", "discriminator")
