@@ -141,14 +141,14 @@ def _part_config(part: str, config: Path, folder: Path) -> dict:
 
 def _copy_weights(part: str, weights: Path, target: Path, half: bool = False) -> None:
     """Copy the inference weights: the trainer's checkpoints also hold training-only
-    submodules (speaker classifier, vocoder discriminator, the tokenizer's speaker
-    adversary) that are dropped here. With `half`, floating-point tensors are stored as
-    float16 (loading casts them back)."""
-    from cosy.tokenizer.model import TRAINING_ONLY
+    submodules (speaker classifier, vocoder discriminator, and what a task lists as
+    `training_only`, such as the tokenizer's speaker adversary) that are dropped here.
+    With `half`, floating-point tensors are stored as float16 (loading casts them back)."""
+    from cosy.train.tasks import get_task
 
     keep = {"speaker": "encoder.", "vocoder": "generator."}.get(part)
-    drop = {"tokenizer": TRAINING_ONLY}.get(part)
-    if keep is None and drop is None and not half:
+    drop = get_task(part).training_only
+    if keep is None and not drop and not half:
         shutil.copy(weights, target)
         return
     try:
