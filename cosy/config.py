@@ -57,7 +57,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         parts = key.split(".")
         for part in parts[:-1]:
-            child = node.setdefault(part, {})
+            child = node.get(part)
+            if child is None:  # absent, or a section left empty in the YAML
+                child = node[part] = {}
             if not isinstance(child, dict):
                 raise CosyError(f"override '{item}': '{part}' is not a section")
             node = child
@@ -89,8 +91,9 @@ def load(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> 
         raise CosyError(f"{path}: {err}") from err
 
 
-def save(obj: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+def dumps(obj: Any) -> str:
+    """YAML text of dataclass `obj`, which `load` reads back."""
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
 
 
 def _join(where: str, key: str) -> str:
@@ -134,6 +137,11 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise CosyError(f"config key '{where}' must be one of {list(args)}, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise CosyError(f"config key '{where}' must be a number, got {value!r}")
         return float(value)

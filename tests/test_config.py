@@ -27,7 +27,7 @@ class Outer:
 def test_round_trip_through_yaml(tmp_path):
     obj = Outer(name="y", inner=Inner(dim=8, rate=0.5, kind="b"), sizes=[5], maybe=Inner(dim=2), flag=True)
     path = tmp_path / "c.yaml"
-    config.save(obj, path)
+    path.write_text(config.dumps(obj))
     assert config.load(Outer, path) == obj
 
 
@@ -50,8 +50,14 @@ def test_type_errors_name_the_key():
         config.from_dict(Outer, {"flag": 1})
 
 
-def test_ints_are_accepted_for_floats():
+def test_ints_and_exponents_without_a_dot_are_accepted_for_floats(tmp_path):
     assert config.from_dict(Inner, {"rate": 1}).rate == 1.0
+    path = tmp_path / "c.yaml"
+    path.write_text("inner:\n  rate: 1e-4\n")  # a string to YAML 1.1, which wants 1.0e-4
+    assert config.load(Outer, path).inner.rate == 1e-4
+    assert config.load(Outer, path, ["inner.rate=2e-3"]).inner.rate == 2e-3
+    with pytest.raises(CosyError, match=r"'inner\.rate' must be a number, got 'fast'"):
+        config.from_dict(Outer, {"inner": {"rate": "fast"}})
 
 
 def test_overrides_are_parsed_as_yaml_and_checked(tmp_path):
@@ -63,6 +69,10 @@ def test_overrides_are_parsed_as_yaml_and_checked(tmp_path):
         config.load(Outer, path, ["inner.nope=1"])
     with pytest.raises(CosyError, match="section.key=value"):
         config.load(Outer, path, ["inner.dim"])
+    path.write_text("name: z\ninner:\n")  # a section left empty takes overrides like an absent one
+    assert config.load(Outer, path, ["inner.dim=5"]).inner.dim == 5
+    with pytest.raises(CosyError, match="'name' is not a section"):
+        config.load(Outer, path, ["name.x=1"])
 
 
 def test_missing_and_invalid_files(tmp_path):

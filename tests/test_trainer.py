@@ -112,6 +112,10 @@ def test_killed_and_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupte
     assert losses_a == [e.cv_loss for e in Checkpoints(killed).entries]
     assert "resumed from" in (killed / "train.log").read_text()
     assert not list(killed.glob(".*.tmp"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(killed / "tensorboard"))
+    events.Reload()  # the steps logged between the last checkpoint and the kill are not kept twice
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 11))
 
 
 @pytest.mark.parametrize("task", ["toy_task:TASK", "toy_task:GAN_TASK"])
@@ -303,7 +307,7 @@ def test_init_starts_a_new_run_from_another_runs_weights(tmp_path, capsys):
 
 def test_outputs_config_log_and_tensorboard(tmp_path):
     train, cv = corpus(tmp_path, rows=16, per_shard=16)
-    conf = write_config(tmp_path / "c.yaml", {"max_steps": 2, "log_every": 1},
+    conf = write_config(tmp_path / "c.yaml", {"max_steps": 2, "log_every": 1, "scheduler": {"warmup_steps": 2}},
                         {"batch_type": "static", "batch_size": 4})
     out = tmp_path / "exp"
     assert cli.main(train_args(conf, train, cv, out, "train.optim.lr=0.5")) == 0
@@ -318,7 +322,8 @@ def test_outputs_config_log_and_tensorboard(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/l1", "train/lr", "train/grad_norm", "train/frames_per_s", "cv/loss"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
-    assert events.Scalars("train/lr")[0].value == pytest.approx(0.5)
+    # the rate each step was taken with: half the base rate, then all of it
+    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([0.25, 0.5])
     # a second run into the same folder without --resume must not overwrite it
     assert cli.main(train_args(conf, train, cv, out)) == 1
 
@@ -328,6 +333,9 @@ def test_outputs_config_log_and_tensorboard(tmp_path):
     ("empty_cv", "no validation batches in"),
     ("missing_shard", "shard file not found"),
     ("unknown_key", "'train.max_stepz'"),
+    ("log_every", "train.log_every must be >= 1, got 0"),
+    ("ema_decay", "train.ema_decay must be in [0, 1) (0 = no EMA), got 1.0"),
+    ("accum_grad", "has 2 batches on this process, fewer than train.accum_grad=3: no step is ever taken"),
     ("unknown_task", "unknown task 'vocodr' (known tasks: flow, llm, speaker, tokenizer, vocoder"),
     ("zero3", "train.deepspeed.zero_stage must be 1 or 2, got 3"),
     ("deepspeed_gan", "train.deepspeed does not train GAN tasks"),
@@ -337,6 +345,7 @@ def test_outputs_config_log_and_tensorboard(tmp_path):
 def test_bad_input_fails_fast_naming_the_cause(tmp_path, capsys, case, message):
     train, cv = corpus(tmp_path, rows=8, per_shard=8)
     config = {"max_steps": 2}
+    data = None
     task = "toy_task:TASK"
     if case == "empty":
         train = write_shards(tmp_path / "empty", [], 8)
@@ -346,6 +355,11 @@ def test_bad_input_fails_fast_naming_the_cause(tmp_path, capsys, case, message):
         Path(train.read_text().split()[0]).unlink()
     elif case == "unknown_key":
         config["max_stepz"] = 3
+    elif case in ("log_every", "ema_decay"):
+        config[case] = {"log_every": 0, "ema_decay": 1.0}[case]
+    elif case == "accum_grad":  # 8 rows in batches of 4, without an epoch limit: it used to loop for ever
+        config.update(accum_grad=3, max_epochs=0)
+        data = {"batch_type": "static", "batch_size": 4}
     elif case == "zero3":
         config["deepspeed"] = {"zero_stage": 3}
     elif case == "deepspeed_derived":
@@ -355,11 +369,40 @@ def test_bad_input_fails_fast_naming_the_cause(tmp_path, capsys, case, message):
         task = "toy_task:GAN_TASK"
     else:
         task = "vocodr"
-    conf = write_config(tmp_path / "c.yaml", config, task=task)
+    conf = write_config(tmp_path / "c.yaml", config, data=data, task=task)
     start = time.time()
     assert cli.main(train_args(conf, train, cv, tmp_path / "exp")) == 1
     assert message in capsys.readouterr().err
     assert time.time() - start < 20
+
+
+def test_ema_turned_on_at_a_resume_starts_from_the_restored_weights_and_saves_whole_state_dicts(tmp_path):
+    train, cv = corpus(tmp_path, rows=16, per_shard=16)
+    conf = write_config(tmp_path / "c.yaml", {"max_steps": 2, "cv_every_epoch": False},
+                        {"batch_type": "static", "batch_size": 4}, model={"batch_norm": True, "dropout": 0.0})
+    out = tmp_path / "exp"
+    assert cli.main(train_args(conf, train, cv, out)) == 0
+    _, before = final_weights(out)
+    assert cli.main(train_args(conf, train, cv, out, "--resume", "train.max_steps=3", "train.ema_decay=0.5")) == 0
+    step, after = final_weights(out)
+    _, ema = final_weights(out, "ema")
+    assert step == 3
+    assert ema.keys() == after.keys()  # BatchNorm's step counter too, so the EMA file loads as weights
+    assert torch.equal(ema["encoder.norm.num_batches_tracked"], after["encoder.norm.num_batches_tracked"])
+    for key, value in after.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(ema[key], 0.5 * before[key] + 0.5 * value)
+
+
+def test_resuming_mid_epoch_with_other_loader_workers_is_warned_about(tmp_path):
+    train, cv = corpus(tmp_path, rows=16, per_shard=8)
+    conf = write_config(tmp_path / "c.yaml", {"max_steps": 1, "max_epochs": 0},
+                        {"batch_type": "static", "batch_size": 4})
+    out = tmp_path / "exp"
+    assert cli.main(train_args(conf, train, cv, out)) == 0
+    assert Checkpoints(out).load_state(Checkpoints(out).latest())["batches_done"] == 1
+    assert cli.main(train_args(conf, train, cv, out, "--resume", "train.max_steps=2", "data.num_workers=2")) == 0
+    assert "with 2 data parts (processes x loader workers) instead of 1" in (out / "train.log").read_text()
 
 
 def test_average_of_two_checkpoints_is_their_mean(tmp_path):
@@ -386,6 +429,15 @@ def test_checkpoints_keep_the_last_k_and_the_best_by_cv_loss(tmp_path):
     assert [e.step for e in Checkpoints(tmp_path).entries] == [2, 5, 6]
     assert sorted(p.name for p in tmp_path.glob("step_*.safetensors")) == [
         "step_2.safetensors", "step_5.safetensors", "step_6.safetensors"]
+
+
+def test_a_diverged_checkpoints_nan_or_infinite_loss_is_never_best(tmp_path):
+    store = Checkpoints(tmp_path)
+    for step, loss in enumerate([float("nan"), 0.9, float("inf"), 0.5, 0.4, 0.3], start=1):
+        store.save(Entry(step, 0, loss), {"w": torch.full((2,), float(step))}, {"step": step}, None,
+                   keep_last=1, keep_best=2)
+    assert [e.step for e in Checkpoints(tmp_path).best(3)] == [6, 5]
+    assert [e.step for e in Checkpoints(tmp_path).entries] == [5, 6]
 
 
 def test_deepspeed_folders_go_with_their_checkpoint_and_unindexed_ones_are_removed(tmp_path):

@@ -61,6 +61,7 @@ class ToyConfig:
     dropout: float = 0.1
     noise: float = 0.01  # random target noise in training: exercises seeded processors
     sleep: float = 0.0  # seconds per forward, so a test can kill a run half-way
+    batch_norm: bool = False  # a BatchNorm on the output: a module with an integer buffer
 
 
 def processors(config: ToyConfig, train: bool):
@@ -99,13 +100,14 @@ class ToyEncoder(nn.Module):
         self.embed = nn.Embedding(config.vocab, config.dim)
         self.dropout = nn.Dropout(config.dropout)
         self.proj = nn.Linear(config.dim, config.out_dim)
+        self.norm = nn.BatchNorm1d(config.out_dim) if config.batch_norm else nn.Identity()
 
     def forward(self, tokens, lengths):
         if self.config.sleep:
             time.sleep(self.config.sleep)
         mask = (torch.arange(tokens.shape[1]) < lengths[:, None]).unsqueeze(-1)
         hidden = self.dropout(self.embed(tokens)) * mask
-        return self.proj(hidden.sum(1) / lengths[:, None])
+        return self.norm(self.proj(hidden.sum(1) / lengths[:, None]))
 
 
 class ToyModel(nn.Module):

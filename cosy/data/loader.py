@@ -10,8 +10,9 @@ reads whole shards; otherwise every part reads every shard and keeps every P-th 
 no two parts ever see the same utterance in an epoch.
 
 Everything random is seeded from (seed, epoch, part) or (seed, epoch, utterance), so an
-epoch is the same sequence of batches on every run, whatever the number of workers
-reading it, and a resumed run can skip to the exact batch where it stopped.
+epoch is the same sequence of batches on every run with the same number of parts, and a
+resumed run can skip to the exact batch where it stopped. Other numbers of processes or
+workers deal the rows to other parts, so the order of the batches changes.
 """
 
 from __future__ import annotations

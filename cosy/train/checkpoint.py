@@ -14,6 +14,7 @@ fsync, then `os.replace`.
 from __future__ import annotations
 
 import io
+import math
 import os
 import random
 import shutil
@@ -173,8 +174,9 @@ class Checkpoints:
         return self.entries[-1] if self.entries else None
 
     def best(self, n: int) -> list[Entry]:
-        """Up to `n` entries with the lowest validation loss, best first."""
-        scored = [e for e in self.entries if e.cv_loss is not None]
+        """Up to `n` entries with the lowest validation loss, best first; a NaN or infinite
+        loss (a diverged step) counts as no loss, as it would not sort."""
+        scored = [e for e in self.entries if e.cv_loss is not None and math.isfinite(e.cv_loss)]
         return sorted(scored, key=lambda e: (e.cv_loss, -e.step))[:n] if n > 0 else []
 
     def load_state(self, entry: Entry) -> dict[str, Any]:

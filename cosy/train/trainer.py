@@ -28,7 +28,7 @@ from cosy import config as cfg
 from cosy.data.loader import BatchInfo, DataConfig, ShardDataset, make_loader
 from cosy.errors import CosyError
 from cosy.checkpoint import load_weights, read_weights
-from cosy.train.checkpoint import Checkpoints, Entry, rng_state, set_rng_state
+from cosy.train.checkpoint import Checkpoints, Entry, atomic_write, rng_state, set_rng_state
 from cosy.train.schedule import OptimConfig, SchedulerConfig, build_optimizer, build_scheduler
 from cosy.train.task import Task
 from cosy.train.tasks import get_task, known_tasks
@@ -202,8 +202,7 @@ class Trainer:
         self.optimizers = {name: build_optimizer(ps, optims.get(name, t.optim)) for name, ps in self.params.items()}
         self.schedulers = {name: build_scheduler(o, t.scheduler, t.max_steps) for name, o in self.optimizers.items()}
         self.scaler = torch.amp.GradScaler(self.dist.device.type, enabled=t.precision == "fp16")
-        self.ema = ({k: v.detach().float().clone() for k, v in self.model.state_dict().items()
-                     if v.is_floating_point()} if t.ema_decay > 0 else None)
+        self.ema = self._fresh_ema() if t.ema_decay > 0 else None
         self.forward_module: nn.Module = self.model
         self.engine = None
         if t.deepspeed is not None:
@@ -220,21 +219,28 @@ class Trainer:
         self.epoch = 0
         self.batches_done = 0  # batches of the current epoch already trained on
         self.saved: tuple[int, float | None] = (-1, None)  # (step, cv loss): known on every rank, unlike the index
+        self.last_lr: dict[str, float] = {}  # each optimiser's rate in the last step
         torch.manual_seed(t.seed + rank)  # but different dropout masks per rank
         if resume:
             self._restore()
-        if self.dist.main:
-            cfg.save(config, self.expdir / "config.yaml")
         self.writer = None
         if self.dist.main:
+            atomic_write(self.expdir / "config.yaml", cfg.dumps(config).encode())
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(self.expdir / "tensorboard"))
+            # a resumed run logs again the steps after its checkpoint: their old events are dropped
+            self.writer = SummaryWriter(str(self.expdir / "tensorboard"), purge_step=self.step + 1 if self.step else None)
 
     def _check(self, t: TrainConfig) -> None:
         if t.max_steps <= 0 and t.max_epochs <= 0:
             raise CosyError("set train.max_steps or train.max_epochs: with both 0 training never stops")
-        if t.accum_grad < 1:
-            raise CosyError(f"train.accum_grad must be >= 1, got {t.accum_grad}")
+        for key in ("accum_grad", "log_every"):
+            if getattr(t, key) < 1:
+                raise CosyError(f"train.{key} must be >= 1, got {getattr(t, key)}")
+        for key in ("max_steps", "max_epochs", "cv_every_steps", "save_every_steps", "gan_warmup_steps"):
+            if getattr(t, key) < 0:
+                raise CosyError(f"train.{key} must be >= 0, got {getattr(t, key)}")
+        if not 0 <= t.ema_decay < 1:
+            raise CosyError(f"train.ema_decay must be in [0, 1) (0 = no EMA), got {t.ema_decay}")
         if self.task.gan and t.accum_grad != 1:
             raise CosyError("train.accum_grad must be 1 for a GAN task "
                             "(each step is a discriminator and a generator turn)")
@@ -294,12 +300,17 @@ class Trainer:
         self.model.train()
         bar = self._progress_bar()
         while not self._finished():
+            whole_epoch, steps_before = self.batches_done == 0, self.step
             stopped = self._train_epoch(bar)
             if stopped:
                 break
             if self.batches_done == 0:
                 raise CosyError(f"no training batches in {self.train_set.list_path}: the shards are empty or every "
                                 "row was dropped by the task's processors")
+            if whole_epoch and self.step == steps_before:  # else it would loop over epochs without learning
+                raise CosyError(f"an epoch of {self.train_set.list_path} has {self.batches_done} batches on this "
+                                f"process, fewer than train.accum_grad={self.config.train.accum_grad}: no step "
+                                "is ever taken; lower accum_grad or the batch size")
             log.info("epoch %d done at step %d", self.epoch, self.step)
             self.epoch += 1
             self.batches_done = 0
@@ -432,6 +443,7 @@ class Trainer:
         """Clip, step and advance the schedule of optimiser `name`; returns the gradient norm."""
         if self.engine is not None:
             self.engine.step()  # clips and steps ZeRO's partitions
+            self.last_lr[name] = self.optimizers[name].param_groups[0]["lr"]
             self.schedulers[name].step()
             norm = self.engine.get_global_grad_norm()
             return math.nan if norm is None else float(norm)
@@ -444,8 +456,13 @@ class Trainer:
         else:
             log.warning("step %d: non-finite gradient norm for %s, update skipped", self.step + 1, name)
         optimizer.zero_grad(set_to_none=True)
+        self.last_lr[name] = optimizer.param_groups[0]["lr"]
         self.schedulers[name].step()
         return norm
+
+    def _fresh_ema(self) -> dict[str, torch.Tensor]:
+        """An EMA that starts at the current weights (float tensors only: counters are not averaged)."""
+        return {k: v.detach().float().clone() for k, v in self.model.state_dict().items() if v.is_floating_point()}
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -517,8 +534,12 @@ class Trainer:
                                else {k: o.state_dict() for k, o in self.optimizers.items()}),
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
                 "scaler": self.scaler.state_dict(), "ema": self.ema, "rng": rngs,
+                "data_parts": self.dist.world_size * max(1, self.config.data.num_workers),
             }
-            self.checkpoints.save(entry, self.model.state_dict(), state, self.ema, t.keep_last, t.keep_best)
+            weights = self.model.state_dict()
+            # the EMA file is a whole state_dict, so it loads like the weights (BatchNorm counters included)
+            ema = None if self.ema is None else {k: self.ema.get(k, v) for k, v in weights.items()}
+            self.checkpoints.save(entry, weights, state, ema, t.keep_last, t.keep_best)
             log.info("saved %s", self.expdir / entry.weights)
         self.saved = (self.step, cv_loss)
         if self.dist.world_size > 1:
@@ -549,8 +570,9 @@ class Trainer:
         for name, scheduler in self.schedulers.items():
             scheduler.load_state_dict(state["schedulers"][name])
         self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema = {k: v.to(self.dist.device) for k, v in state["ema"].items()}
+        if self.ema is not None:  # a run that turns EMA on at its resume starts it at the restored weights
+            self.ema = ({k: v.to(self.dist.device) for k, v in state["ema"].items()} if state["ema"] is not None
+                        else self._fresh_ema())
         self.step, self.epoch, self.batches_done = state["step"], state["epoch"], state["batches_done"]
         self.saved = (self.step, entry.cv_loss)
         if len(state["rng"]) == self.dist.world_size:
@@ -558,6 +580,11 @@ class Trainer:
         else:
             log.warning("resuming with %d processes instead of %d: RNG states are not restored",
                         self.dist.world_size, len(state["rng"]))
+        parts = self.dist.world_size * max(1, self.config.data.num_workers)
+        if self.batches_done and state.get("data_parts", parts) != parts:
+            log.warning("resuming in the middle of epoch %d with %d data parts (processes x loader workers) "
+                        "instead of %d: the epoch's batches come in another order, so the rest of it repeats "
+                        "some utterances and leaves out others", self.epoch, parts, state["data_parts"])
         log.info("resumed from %s (step %d, epoch %d, batch %d)",
                  self.expdir / entry.weights, self.step, self.epoch, self.batches_done)
 
@@ -566,7 +593,9 @@ class Trainer:
             return
         values = stats.mean()
         values.update(stats.norms)
-        values["lr"] = next(iter(self.optimizers.values())).param_groups[0]["lr"]
+        values["lr"] = self.last_lr.get("generator", self.last_lr.get("model", math.nan))
+        if "discriminator" in self.last_lr:
+            values["lr_discriminator"] = self.last_lr["discriminator"]
         values["frames_per_s"] = stats.frames_per_second()
         log.info("epoch %d step %d %s", self.epoch, self.step, _format(values))
         for key, value in values.items():
