@@ -46,6 +46,8 @@ def load_audio(source: str | Path | bytes, sample_rate: int | None = None) -> tu
         raise CosyError(f"cannot read audio {name}: {detail}") from err
     if data.shape[0] == 0:
         raise CosyError(f"audio file {name} has no samples")
+    if not np.isfinite(data).all():  # float files can hold them, and they would poison every feature
+        raise CosyError(f"audio file {name} has NaN or infinite samples")
     samples = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if sample_rate is not None and sample_rate != rate:
         samples, rate = resample(samples, rate, sample_rate), sample_rate
@@ -68,8 +70,16 @@ def encode_audio(samples: np.ndarray, sample_rate: int, format: str = "WAV") -> 
     return buffer.getvalue()
 
 
+def check_audio_path(path: str | Path, option: str) -> None:
+    """CosyError unless `path`'s extension names a format that `save_audio` writes."""
+    kind = Path(path).suffix.lstrip(".").upper()
+    if kind not in sf.available_formats() or not sf.check_format(kind, "PCM_16"):
+        raise CosyError(f"{option} {path}: the extension must name a 16-bit PCM audio format (.wav, .flac)")
+
+
 def save_audio(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
-    """Write mono float audio as 16-bit PCM WAV (creating the parent folder)."""
+    """Write mono float audio as 16-bit PCM in the format of `path`'s extension (.wav,
+    .flac; creating the parent folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     samples = np.asarray(samples, dtype=np.float32).reshape(-1)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import soundfile as sf
 from safetensors.numpy import save_file
 
 from cosy.audio import load_audio, save_audio
@@ -191,6 +192,13 @@ def test_shards_round_trip_with_features_and_corrupt_audio(tmp_path, caplog, num
         else:
             assert row["speech_token"] == tokens[utt].tolist()
             assert row["embedding"] == embs[utt].tolist()
+    # a float file that reads but holds a NaN is skipped too: it would poison every batch it joins
+    samples, rate = sf.read(root / data.wav["s0-u02"], dtype="float32")
+    samples[10] = np.nan
+    sf.write(root / "wavs" / "s0-u02.wav", samples, rate, subtype="FLOAT")
+    again = write_shards(root, tmp_path / "shards2", utts_per_shard=2, num_workers=num_workers, seed=None)
+    assert [s.utt for s in again.skipped] == ["s0-u02", "s1-u03"] and again.rows == 3
+    assert "NaN or infinite samples" in again.skipped[0].reason
 
 
 def test_shards_without_features_are_null_and_cli_summarises(tmp_path, capsys):

@@ -4,6 +4,7 @@ Every test uses one tiny randomly initialised system packed once per session.
 """
 
 import json
+import re
 import math
 import shutil
 import subprocess
@@ -264,12 +265,16 @@ def _bad_prompts(tmp_path):
     sf.write(tmp_path / "short.wav", short, rate)
     sf.write(tmp_path / "silent.wav", np.zeros(3 * rate, dtype=np.float32), rate)
     (tmp_path / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEjunkjunkjunk")
+    poisoned, rate = synthetic_prompt(2.0)
+    poisoned[100] = np.nan
+    sf.write(tmp_path / "nan.wav", poisoned, rate, subtype="FLOAT")
     (tmp_path / "notes.txt").write_text("this is not audio\n")
     return {
         "missing": (tmp_path / "missing.wav", "audio file not found"),
         "corrupt": (tmp_path / "corrupt.wav", "cannot read audio"),
         "not audio": (tmp_path / "notes.txt", "cannot read audio"),
         "silent": (tmp_path / "silent.wav", "is silent"),
+        "nan": (tmp_path / "nan.wav", "has NaN or infinite samples"),
         "short": (tmp_path / "short.wav", "0.50 s long; it must be at least 1 s"),
     }
 
@@ -281,11 +286,66 @@ def test_bad_input_gives_a_specific_message_and_exit_code(system, tmp_path, caps
     for name, (path, message) in _bad_prompts(tmp_path).items():
         cases.append((["--text", TEXT, "--prompt-wav", path], message))
     cases.append((["--text", TEXT, "--prompt-wav", tmp_path / "silent.wav", "--stream"], "is silent"))
+    good = ["--text", TEXT, "--prompt-wav", system["prompt"]]
+    cases += [(good + ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+              (good + ["--device", "gpu"], "device 'gpu' is not a torch device"),
+              (good + ["--seed", str(2**64)], "seed must be between 0 and 2**63 - 1")]
+    if not torch.cuda.is_available():
+        cases.append((good + ["--device", "cuda"], "device 'cuda': this torch sees no CUDA device"))
     for args, message in cases:
         assert cli("synthesize", *args, *base) == 1, message
         err = capsys.readouterr().err
         assert message in err and err.startswith("cosy synthesize: error:"), (message, err)
     assert not (tmp_path / "x.wav").exists()
+    for out in ("x", "x.ogg"):  # refused before any synthesis, not after it
+        assert cli("synthesize", *good, "--model-dir", system["model"], "--out", tmp_path / out) == 1
+        assert f"--out {tmp_path / out}: the extension must name a 16-bit PCM audio format" in capsys.readouterr().err
+
+
+def test_sentences_are_cut_to_fit_the_lm_beside_the_prompt_text(system, monkeypatch):
+    from dataclasses import replace
+
+    tts = system["tts"]
+    limit = 40
+    monkeypatch.setattr(tts.parts.llm, "cfg", replace(tts.parts.llm.cfg, max_text_len=limit))
+    prompt = tts.prompt(system["prompt"], "Hello there.")
+    # 78 characters; the spelt-out number makes it far more text tokens than the LM takes
+    text = "Call me on 5551234567 or at home, whenever you like, and we will talk about it."
+    alone = tts.sentences(text)
+    pieces = tts.sentences(text, len(prompt.text))
+    assert all(1 <= len(p) <= limit for p in alone)
+    assert len(pieces) > len(alone) > 1 and all(1 <= len(p) <= limit - len(prompt.text) for p in pieces)
+    wave, _ = tts.synthesize(text, prompt, seed=0)  # the LM's own check is never reached
+    assert len(wave) > 0
+    assert sum(map(len, tts.stream(text, prompt, seed=0))) > 0
+    with pytest.raises(CosyError, match="no word boundary"):
+        tts.sentences("x" * 80, len(prompt.text))
+    with pytest.raises(CosyError, match="leaves no room for the text"):
+        tts.sentences(TEXT, limit)
+
+
+def test_integer_pcm_prompt_arrays_are_scaled_like_the_file(system):
+    tts = system["tts"]
+    samples, rate = synthetic_prompt(2.0)
+    pcm = np.round(np.clip(samples, -1, 1) * 32767).astype(np.int16)
+    as_float = tts.prompt((pcm.astype(np.float32) / 32768, rate))
+    as_int = tts.prompt((pcm, rate))
+    assert torch.equal(as_int.tokens, as_float.tokens)
+    torch.testing.assert_close(as_int.mel, as_float.mel)
+    with pytest.raises(CosyError, match="float or signed integer PCM, got dtype uint8"):
+        tts.prompt((np.full(rate, 128, dtype=np.uint8), rate))
+
+
+def test_synthesis_settings_are_checked():
+    from cosy.inference.model_dir import SynthesisConfig
+
+    SynthesisConfig().check()
+    for field, value, message in (("pause_seconds", -0.1, "synthesis.pause_seconds must be >= 0, got -0.1"),
+                                  ("batch_size", 0, "synthesis.batch_size must be >= 1"),
+                                  ("lang", "fr", "synthesis.lang must be auto, en or zh, got 'fr'"),
+                                  ("max_prompt_seconds", 0.5, "must be >= min_prompt_seconds")):
+        with pytest.raises(CosyError, match=re.escape(message)):
+            SynthesisConfig(**{field: value}).check()
 
 
 def test_missing_default_model_says_to_pass_model_dir(system, tmp_path, capsys, monkeypatch):
@@ -296,11 +356,15 @@ def test_missing_default_model_says_to_pass_model_dir(system, tmp_path, capsys, 
 
 
 def test_text_file_and_manifest_write_one_wav_per_line(system, tmp_path, capsys):
-    lines = ["The first line of the file is here.", "", "A second line follows it.", "And the third one ends it."]
+    # a Unicode line separator inside a line is a sentence break, not a new line
+    lines = ["The first line of the file is here.", "", "A second line\u2028follows it.", "And the third one ends it.",
+             "... !"]
     (tmp_path / "lines.txt").write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
     assert cli("synthesize", "--text-file", tmp_path / "lines.txt", "--prompt-wav", system["prompt"],
                "--model-dir", system["model"], "--out-dir", tmp_path / "lines", "--seed", 0) == 0
     assert sorted(p.name for p in (tmp_path / "lines").iterdir()) == ["0001.wav", "0003.wav", "0004.wav"]
+    assert "skipped line(s) 5" in capsys.readouterr().out
     for number in (1, 3, 4):
         wave, rate = sf.read(tmp_path / "lines" / f"{number:04d}.wav")
         low, high = audio_bounds(system["tts"], lines[number - 1])
@@ -309,12 +373,13 @@ def test_text_file_and_manifest_write_one_wav_per_line(system, tmp_path, capsys)
     shutil.copy(system["prompt"], tmp_path / "voice.wav")
     manifest = tmp_path / "list.tsv"
     manifest.write_text(f"u1\t{lines[0]}\tvoice.wav\n"
+                        f"u0\t{lines[2]}\tvoice.wav\n"
                         f"u2\t{lines[2]}\t{bad['silent'][0]}\n"
                         f"u3\t{lines[3]}\t{system['prompt']}\tA prompt recording says hello.\n")
     capsys.readouterr()
     assert cli("synthesize", "--manifest", manifest, "--model-dir", system["model"], "--out-dir",
                tmp_path / "m") == 0
-    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["u1.wav", "u3.wav"]
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["u0.wav", "u1.wav", "u3.wav"]
     assert "skipped 1: u2" in capsys.readouterr().out
     manifest.write_text("u1 only two\tfields\n")
     assert cli("synthesize", "--manifest", manifest, "--model-dir", system["model"], "--out-dir", tmp_path) == 1
@@ -345,6 +410,10 @@ def test_voice_conversion_keeps_the_source_length(system, tmp_path, capsys):
     assert cli("vc", "--source-wav", tmp_path / "none.wav", "--prompt-wav", system["prompt"],
                "--model-dir", system["model"], "--out", tmp_path / "x.wav") == 1
     assert "audio file not found" in capsys.readouterr().err
+    sf.write(tmp_path / "blip.wav", source[:1000], rate)
+    assert cli("vc", "--source-wav", tmp_path / "blip.wav", "--prompt-wav", system["prompt"],
+               "--model-dir", system["model"], "--out", tmp_path / "x.wav") == 1
+    assert "blip.wav is 0.042 s long; it must be at least 0.1 s" in capsys.readouterr().err
 
 
 def test_bench_prints_a_table_and_json(system, tmp_path, capsys):
@@ -389,6 +458,8 @@ def test_causal_flow_streams_chunk_by_chunk_to_the_offline_length(system, tmp_pa
     streamed = list(tts.stream(TEXT, system["prompt"], seed=5))
     assert len(streamed) > 2 and sum(map(len, streamed)) == len(wave)
     assert len(wave) % 480 == 0 and chunks_decoded and max(chunks_decoded) <= 4
+    with pytest.raises(CosyError, match="speed must be 1.0 for a causal flow model"):
+        tts.stream(TEXT, system["prompt"], speed=1.5)  # before the first chunk, as other bad input
 
 
 def test_pack_accepts_onnx_tokenizer_and_speaker(system, tmp_path):
@@ -588,6 +659,7 @@ def short_wav_base64() -> str:
     ({"text": TEXT, "voice": "me-1", "seed": 2**64}, "seed: must be between"),
     ({"text": TEXT, "voice": "me-1", "stream": 1}, "stream: true or false"),
     ({"text": "...", "voice": "me-1"}, "nothing speakable"),
+    ({"text": "a" * 5001, "voice": "me-1"}, "text: at most 5000 characters per request, got 5001"),
 ])
 def test_server_answers_a_bad_request_with_400_naming_the_field(server, payload, message):
     status, headers, body = post(server, payload)

@@ -6,7 +6,8 @@
 
 Manifest lines are `utt<TAB>text<TAB>prompt_wav[<TAB>prompt_text]`; a relative prompt
 path is taken from the manifest's folder. A manifest line whose text or prompt is
-unusable is reported with its utterance id and skipped.
+unusable is reported with its utterance id and skipped, and so is a text-file line with
+nothing speakable, by its line number.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cosy.audio import check_audio_path
     from cosy.inference.pipeline import CosyTTS
 
     if args.text is not None and not args.out:
@@ -53,8 +55,12 @@ def run(args: argparse.Namespace) -> int:
         raise CosyError("--stream works with --text only")
     if args.flow_steps is not None and args.flow_steps < 1:
         raise CosyError(f"--flow-steps must be at least 1, got {args.flow_steps}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise CosyError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.out:  # before the synthesis, not after it
+        check_audio_path(args.out, "--out")
     tts = CosyTTS.from_pretrained(args.model_dir, args.device)
-    if args.batch_size:
+    if args.batch_size is not None:
         tts.settings.batch_size = args.batch_size
     if args.flow_steps is not None:
         tts.set_flow_steps(args.flow_steps)
@@ -98,11 +104,21 @@ def _text_file(tts, args) -> int:
     if not lines:
         raise CosyError(f"--text-file {path} has no non-empty lines")
     width = max(4, len(str(lines[-1][0])))
-    waves = tts.synthesize_batch([text for _, text in lines], args.prompt_wav, args.prompt_text, args.speed, args.seed)
-    for (n, _), wave in zip(lines, waves):
+    prompt = tts.prompt(args.prompt_wav, args.prompt_text)
+    usable, skipped = [], []
+    for n, text in lines:
+        try:
+            tts.sentences(text, len(prompt.text))
+            usable.append((n, text))
+        except CosyError as err:
+            log.warning("--text-file %s line %d: %s; skipped", path, n, err)
+            skipped.append(str(n))
+    waves = tts.synthesize_batch([text for _, text in usable], prompt, None, args.speed, args.seed) if usable else []
+    for (n, _), wave in zip(usable, waves):
         save_audio(Path(args.out_dir) / f"{n:0{width}d}.wav", wave, tts.sample_rate)
-    print(f"wrote {len(waves)} files to {args.out_dir}")
-    return 0
+    print(f"wrote {len(waves)} files to {args.out_dir}" + (f"; skipped line(s) {', '.join(skipped)}"
+                                                            if skipped else ""))
+    return 0 if usable else 1
 
 
 def read_manifest(path: Path) -> list[tuple[str, str, str, str | None]]:
@@ -111,7 +127,7 @@ def read_manifest(path: Path) -> list[tuple[str, str, str, str | None]]:
     for n, line in enumerate(_read_lines(path), 1):
         if not line.strip():
             continue
-        fields = line.rstrip("\n").split("\t")
+        fields = line.split("\t")
         if len(fields) not in (3, 4) or not fields[0].strip():
             raise CosyError(f"--manifest {path} line {n}: expected utt<TAB>text<TAB>prompt_wav[<TAB>prompt_text], "
                             f"got {len(fields)} field(s)")
@@ -136,6 +152,7 @@ def _manifest(tts, args) -> int:
             tts.sentences(text)
             if (wav, prompt_text) not in prompts:
                 prompts[wav, prompt_text] = tts.prompt(wav, prompt_text)
+            tts.sentences(text, len(prompts[wav, prompt_text].text))
         except CosyError as err:
             log.warning("utterance %s: %s; skipped", utt, err)
             skipped.append(utt)
@@ -153,7 +170,9 @@ def _manifest(tts, args) -> int:
 
 
 def _read_lines(path: Path) -> list[str]:
+    """Lines split at newlines alone, as the data dir readers do: str.splitlines would also
+    split at form feeds and Unicode line separators inside a transcript."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        return path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as err:
         raise CosyError(f"{path} is not UTF-8 text: {err}") from err

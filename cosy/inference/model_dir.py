@@ -58,6 +58,20 @@ class SynthesisConfig:
     stream_holdback_tokens: int = 5
     stream_chunk_growth: float = 2.0
 
+    def check(self) -> None:
+        """CosyError naming the first setting out of its range."""
+        rules = [("lang", self.lang in ("auto", "en", "zh"), "auto, en or zh"),
+                 ("pause_seconds", self.pause_seconds >= 0, ">= 0"),
+                 ("min_prompt_seconds", self.min_prompt_seconds > 0, "> 0"),
+                 ("max_prompt_seconds", self.max_prompt_seconds >= self.min_prompt_seconds, ">= min_prompt_seconds"),
+                 ("batch_size", self.batch_size >= 1, ">= 1"),
+                 ("stream_chunk_tokens", self.stream_chunk_tokens >= 1, ">= 1"),
+                 ("stream_holdback_tokens", self.stream_holdback_tokens >= 0, ">= 0"),
+                 ("stream_chunk_growth", self.stream_chunk_growth >= 1, ">= 1")]
+        for name, ok, rule in rules:
+            if not ok:
+                raise CosyError(f"synthesis.{name} must be {rule}, got {getattr(self, name)!r}")
+
 
 @dataclass
 class ModelDirConfig:
@@ -198,7 +212,7 @@ def pack(sources: dict[str, str | Path], text_tokenizer: str | Path, out: str | 
         shutil.copy(text_tokenizer, staging / "tokenizer.json")
         origin["text_tokenizer"] = str(Path(text_tokenizer).resolve())
         cfg = ModelDirConfig(**files, synthesis=synthesis or SynthesisConfig())
-        cfgio.save(cfg, staging / "config.yaml")
+        (staging / "config.yaml").write_text(cfgio.dumps(cfg))
         parts = load(staging)
         (staging / "manifest.json").write_text(json.dumps(manifest(parts, origin), indent=2) + "\n")
         if out.exists():

@@ -31,6 +31,7 @@ from cosy.inference.streaming import mel_stream, stream_audio
 AudioSource = Union[str, Path, tuple]  # a file, or (samples, sample_rate)
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default"
 SILENCE_PEAK = 1e-3  # -60 dBFS: nothing a speaker encoder could use
+MIN_SOURCE_SECONDS = 0.1  # voice conversion: shorter holds no word, and is shorter than an STFT window
 
 
 @dataclass
@@ -51,7 +52,12 @@ def read_audio(source: AudioSource, what: str) -> tuple[np.ndarray, int, str]:
         return samples, rate, f"{what} {source}"
     if not (isinstance(source, tuple) and len(source) == 2):
         raise CosyError(f"{what} must be an audio file path or a (samples, sample_rate) pair")
-    samples, rate = np.asarray(source[0], dtype=np.float32), source[1]
+    samples, rate = np.asarray(source[0]), source[1]
+    if np.issubdtype(samples.dtype, np.signedinteger):  # PCM as read by e.g. scipy: full scale is the type's range
+        samples = samples.astype(np.float32) / -float(np.iinfo(samples.dtype).min)
+    elif not np.issubdtype(samples.dtype, np.floating):
+        raise CosyError(f"{what}: samples must be float or signed integer PCM, got dtype {samples.dtype}")
+    samples = samples.astype(np.float32, copy=False)
     if not isinstance(rate, (int, np.integer)) or rate <= 0:
         raise CosyError(f"{what}: sample rate must be a positive integer, got {rate!r}")
     if samples.ndim == 2:  # either (samples, channels) or (channels, samples): channels are fewer
@@ -91,6 +97,7 @@ class CosyTTS:
         self.parts = parts
         self.device = device
         self.settings = parts.synthesis
+        self.settings.check()
 
     @classmethod
     def from_pretrained(cls, directory: str | Path | None = None, device: str = "cpu") -> "CosyTTS":
@@ -102,6 +109,7 @@ class CosyTTS:
             directory = DEFAULT_MODEL_DIR
         if not Path(directory).is_dir():
             raise CosyError(f"--model-dir {directory}: not a directory")
+        _check_device(device)
         return cls(load(directory, device), device)
 
     @property
@@ -121,20 +129,40 @@ class CosyTTS:
 
     # ------------------------------------------------------------------ inputs
 
-    def sentences(self, text: str) -> list[list[int]]:
-        """Text ids of each speakable sentence of `text`; CosyError when there is none."""
+    def sentences(self, text: str, prompt_text_len: int = 0) -> list[list[int]]:
+        """Text ids of each speakable sentence of `text`, each short enough for the LM
+        beside a prompt transcript of `prompt_text_len` ids; CosyError when there is none."""
         from cosy.text.normalise import detect_lang, normalise
         from cosy.text.split import split_sentences
 
         if not isinstance(text, str) or not text.strip():
             raise CosyError("text is empty: give some words to speak")
+        limit = self.parts.llm.cfg.max_text_len
+        if prompt_text_len >= limit:
+            raise CosyError(f"the prompt text has {prompt_text_len} tokens, which leaves no room for the text under "
+                            f"the LM's maximum of {limit} (model.max_text_len): give a shorter prompt text")
         lang = detect_lang(text) if self.settings.lang == "auto" else self.settings.lang
         spoken = [normalise(piece, lang) for piece in split_sentences(text, lang)]
-        ids = [self.parts.text_tokenizer.encode(s) for s in spoken if any(ch.isalnum() for ch in s)]
-        ids = [i for i in ids if i]
+        ids = [part for s in spoken if any(ch.isalnum() for ch in s)
+               for part in self._fitted(s, lang, limit - prompt_text_len)]
         if not ids:
             raise CosyError(f"text {text[:60]!r} has nothing speakable after normalisation (no letters or digits)")
         return ids
+
+    def _fitted(self, spoken: str, lang: str, budget: int) -> list[list[int]]:
+        """Ids of normalised `spoken`, cut at clauses or words into pieces of at most
+        `budget` ids: sentences are split by characters, and numbers spelt out or Chinese
+        text can still hold more tokens than the LM takes."""
+        from cosy.text.split import split_sentences
+
+        ids = self.parts.text_tokenizer.encode(spoken)
+        if len(ids) <= budget:
+            return [ids] if ids else []
+        pieces = split_sentences(spoken, lang, max_chars=max(1, len(spoken) // 2), min_chars=1)
+        if len(pieces) < 2:
+            raise CosyError(f"{spoken[:60]!r} is {len(ids)} text tokens, more than the {budget} the LM takes, "
+                            "and has no word boundary to cut it at")
+        return [part for piece in pieces for part in self._fitted(piece, lang, budget)]
 
     def prompt(self, wav: AudioSource, text: str | None = None) -> Prompt:
         """Analyse a prompt recording; CosyError when it is unusable (too short, silent, unreadable)."""
@@ -194,7 +222,7 @@ class CosyTTS:
         prompt_texts = list(prompt_text) if isinstance(prompt_text, list) else [prompt_text] * len(texts)
         if not (len(wavs) == len(prompt_texts) == len(texts)):
             raise CosyError(f"got {len(texts)} texts, {len(wavs)} prompt wavs and {len(prompt_texts)} prompt texts")
-        _check_speed(speed)
+        self._check_speed(speed)
         cache: dict[tuple, Prompt] = {}
 
         def prompt_for(wav, ptext) -> Prompt:
@@ -207,11 +235,11 @@ class CosyTTS:
 
         rows = []  # (text index, sentence ids, prompt)
         for index, (text, wav, ptext) in enumerate(zip(texts, wavs, prompt_texts)):
-            sentences = self.sentences(text)
+            self.sentences(text)  # a bad text fails before its prompt is analysed
             prompt = prompt_for(wav, ptext)
-            rows += [(index, ids, prompt) for ids in sentences]
+            rows += [(index, ids, prompt) for ids in self.sentences(text, len(prompt.text))]
         pieces: list[list[np.ndarray]] = [[] for _ in texts]
-        with _seeded(seed):
+        with _seeded(seed, self.device):
             size = max(1, self.settings.batch_size)
             for start in range(0, len(rows), size):
                 batch = rows[start:start + size]
@@ -277,15 +305,15 @@ class CosyTTS:
         before the LM finishes. Sentences follow one another with a short pause. Bad input
         raises here, before the first chunk is asked for. The prompt may be a `Prompt`
         from `self.prompt`, as in `synthesize_batch`."""
-        _check_speed(speed)
-        sentences = self.sentences(text)
+        self._check_speed(speed)
+        self.sentences(text)  # a bad text fails before the prompt is analysed
         prompt = prompt_wav if isinstance(prompt_wav, Prompt) else self.prompt(prompt_wav, prompt_text)
-        return self._stream(sentences, prompt, speed, seed)
+        return self._stream(self.sentences(text, len(prompt.text)), prompt, speed, seed)
 
     def _stream(self, sentences: list[list[int]], prompt: Prompt, speed: float,
                 seed: int | None) -> Iterator[np.ndarray]:
         pause = np.zeros(int(self.settings.pause_seconds * self.sample_rate), dtype=np.float32)
-        with _seeded(seed):
+        with _seeded(seed, self.device):
             for i, ids in enumerate(sentences):
                 if i:
                     yield pause
@@ -306,8 +334,10 @@ class CosyTTS:
     def convert(self, source_wav: AudioSource, prompt_wav: AudioSource, speed: float = 1.0,
                 seed: int | None = None) -> tuple[np.ndarray, int]:
         """Voice conversion: the words of `source_wav` in the voice of `prompt_wav`."""
-        _check_speed(speed)
+        self._check_speed(speed)
         samples, rate, name = read_audio(source_wav, "source")
+        if len(samples) < MIN_SOURCE_SECONDS * rate:
+            raise CosyError(f"{name} is {len(samples) / rate:.3f} s long; it must be at least {MIN_SOURCE_SECONDS:g} s")
         if float(np.abs(samples).max()) < SILENCE_PEAK:
             raise CosyError(f"{name} is silent (peak below {SILENCE_PEAK:g})")
         prompt = self.prompt(prompt_wav)
@@ -317,22 +347,36 @@ class CosyTTS:
         if int(tokens.max()) >= self.parts.flow.cfg.vocab_size:
             raise CosyError(f"the speech tokenizer gave token {int(tokens.max())}, outside the flow decoder's "
                             f"vocabulary of {self.parts.flow.cfg.vocab_size} (flow/config.yaml model.vocab_size)")
-        with _seeded(seed):
+        with _seeded(seed, self.device):
             wave, = self.render([(tokens.tolist(), prompt)], speed)
         return wave, self.sample_rate
 
+    def _check_speed(self, speed: float) -> None:
+        if not (isinstance(speed, (int, float)) and 0.25 <= speed <= 4.0):
+            raise CosyError(f"speed must be between 0.25 and 4, got {speed!r}")
+        if speed != 1.0 and self.parts.flow.cfg.causal:
+            raise CosyError("speed must be 1.0 for a causal flow model (fixed frames per token)")
 
-def _check_speed(speed: float) -> None:
-    if not (isinstance(speed, (int, float)) and 0.25 <= speed <= 4.0):
-        raise CosyError(f"speed must be between 0.25 and 4, got {speed!r}")
+
+def _check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as err:
+        raise CosyError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1)") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CosyError(f"device {device!r}: this torch sees no CUDA device")
 
 
 @contextlib.contextmanager
-def _seeded(seed: int | None):
-    """Seed torch's global generator (flow noise, vocoder phases) and restore it afterwards."""
+def _seeded(seed: int | None, device: str):
+    """Seed torch's generators (flow noise, vocoder phases) and restore them afterwards."""
     if seed is None:
         yield
         return
-    with torch.random.fork_rng(devices=[]):
+    if not 0 <= seed < 2**63:
+        raise CosyError(f"seed must be between 0 and 2**63 - 1, got {seed}")
+    target = torch.device(device)
+    # manual_seed seeds every CUDA device too: fork the one the models run on
+    with torch.random.fork_rng(devices=[target] if target.type == "cuda" else []):
         torch.manual_seed(seed)
         yield

@@ -34,6 +34,7 @@ from cosy.inference.pipeline import CosyTTS, Prompt
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 << 20  # a 30 s prompt as base64 float WAV is under 15 MiB
+MAX_TEXT_CHARS = 5000  # syntheses run one at a time: one long text would hold every other client
 FIELDS = {"text", "voice", "prompt_wav", "prompt_text", "speed", "seed", "stream"}
 SOCKET_TIMEOUT_S = 60  # a client that stops reading a stream must not hold the model for ever
 
@@ -72,6 +73,9 @@ def parse_request(body: bytes) -> SynthesisRequest:
     text = typed("text", (str,), "a non-empty string")
     if not text or not text.strip():
         raise CosyError("text: a non-empty string is required")
+    if len(text) > MAX_TEXT_CHARS:
+        raise CosyError(f"text: at most {MAX_TEXT_CHARS} characters per request, got {len(text)}; "
+                        "send a long text in several requests")
     speed = typed("speed", (int, float), "a number", 1.0)
     if not 0.25 <= speed <= 4.0:
         raise CosyError(f"speed: must be between 0.25 and 4, got {speed!r}")
@@ -136,7 +140,9 @@ class Handler(BaseHTTPRequestHandler):
         except CosyError as err:
             return self._error(HTTPStatus.BAD_REQUEST, str(err))
         with self.server.synthesis_lock:
-            self._synthesize(request)
+            wav = self._synthesize(request)
+        if wav is not None:  # sent after the lock is released: a slow reader must not hold the model
+            self._send(HTTPStatus.OK, "audio/wav", wav)
 
     def handle_expect_100(self) -> bool:
         """Refuse an oversized body before the client sends it."""
@@ -170,8 +176,9 @@ class Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                         f"the body has {length} bytes; at most {MAX_BODY_BYTES} are taken", close=True)
 
-    def _synthesize(self, request: SynthesisRequest) -> None:
-        """Answer one request; the caller holds the synthesis lock."""
+    def _synthesize(self, request: SynthesisRequest) -> bytes | None:
+        """Answer one request, or return the WAV file for the caller to send once it has
+        released the synthesis lock, which it holds."""
         tts = self.server.tts
         try:
             prompt = self.server.prompt_of(request)
@@ -186,7 +193,7 @@ class Handler(BaseHTTPRequestHandler):
             log.exception("synthesis failed")
             return self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"synthesis failed: {err!r}")
         if not request.stream:
-            return self._send(HTTPStatus.OK, "audio/wav", encode_audio(wave, rate))
+            return encode_audio(wave, rate)
         # Closed here, under the lock: closing restores the global RNG state that a seeded
         # stream saved, which must not land in the next request's synthesis.
         with contextlib.closing(chunks):

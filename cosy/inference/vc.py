@@ -22,9 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cosy.audio import save_audio
+    from cosy.audio import check_audio_path, save_audio
     from cosy.inference.pipeline import CosyTTS
 
+    check_audio_path(args.out, "--out")
     tts = CosyTTS.from_pretrained(args.model_dir, args.device)
     wave, rate = tts.convert(args.source_wav, args.prompt_wav, args.speed, args.seed)
     save_audio(args.out, wave, rate)

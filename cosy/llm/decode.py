@@ -1,7 +1,9 @@
 """Autoregressive decoding of speech tokens, batched, cached or not, streaming.
 
 Rows of a batch may have different prompt lengths: inputs are right-padded and every
-row keeps its own position, so each item decodes exactly as it would alone.
+row keeps its own position, so each item's logits are those it would have alone. With a
+seed, the rows draw from one generator in turn, so a row's samples depend on the rows
+decoded beside it (greedy decoding does not).
 """
 
 from __future__ import annotations
