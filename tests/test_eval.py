@@ -13,6 +13,7 @@ EXAMPLE_VOICE = Path(__file__).resolve().parents[1] / "examples" / "voices" / "w
 def test_normalisation_for_wer():
     assert normalise_for_wer("  Don't STOP, it's 2 o'clock!  Café ") == "don't stop it's two o'clock cafe"
     assert normalise_for_wer("'quoted' -- words") == "quoted words"
+    assert normalise_for_wer("Don\u2019t stop") == "don't stop"  # a typographic apostrophe is one too
 
 
 def test_word_error_rate_counts_edits_over_reference_words():

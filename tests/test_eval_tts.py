@@ -1,4 +1,5 @@
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -60,21 +61,34 @@ def test_wrong_voices_are_caught_by_the_speaker_judges(tiny_corpus, tmp_path):
     assert report["ground_truth"]["per_speaker"][speakers[0]]["closest_resemblyzer"] == speakers[0]
 
 
-def test_bad_hypothesis_dirs_are_named(tiny_corpus, tmp_path):
+def test_bad_hypothesis_dirs_are_named(tiny_corpus, tmp_path, capsys):
     with pytest.raises(CosyError, match="hypothesis dir not found"):
         evaluate(tmp_path / "nowhere", tiny_corpus / "test", mos=False)
+    # the default report prefix lies in the hypothesis dir: a mistyped one is not created
+    assert main(["eval", "tts", "--hyp-dir", str(tmp_path / "typo"), "--data", str(tiny_corpus / "test"),
+                 "--no-mos"]) == 1
+    assert "hypothesis dir not found" in capsys.readouterr().err and not (tmp_path / "typo").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(CosyError, match="no <utt>.wav"):
         evaluate(tmp_path / "empty", tiny_corpus / "test", mos=False)
+    data = DataDir.load(tiny_corpus / "test")
+    hyp = _hyp_dir(tmp_path / "typo_prompts", data, lambda u: u)
+    (hyp / "utt2prompt").write_text(f"nobody {data.utts[0]}\n")
+    with pytest.raises(CosyError, match="utt2prompt:1: expected"):
+        evaluate(hyp, tiny_corpus / "test", mos=False)
 
 
-def test_an_unreadable_output_is_scored_as_empty_and_the_rest_completes(tiny_corpus, tmp_path):
+def test_an_unreadable_output_is_scored_as_empty_and_the_rest_completes(tiny_corpus, tmp_path, caplog):
     test = tiny_corpus / "test"
     data = DataDir.load(test)
     hyp = _hyp_dir(tmp_path / "broken", data, lambda u: u)
     broken = data.utts[0]
     (hyp / f"{broken}.wav").write_bytes(b"not audio at all")
-    report = evaluate(hyp, test, mos=False)
+    (hyp / "stranger.wav").write_bytes((hyp / f"{broken}.wav").read_bytes())
+    with caplog.at_level(logging.WARNING):
+        report = evaluate(hyp, test, mos=False)
+    assert f"output {broken}: cannot read audio" in caplog.text
+    assert "1 wav(s) in" in caplog.text and "e.g. stranger" in caplog.text
     synth, truth = report["synthesised"], report["ground_truth"]
     assert synth["hypotheses"][broken] == ""
     assert all(synth["hypotheses"][u] == truth["hypotheses"][u] for u in data.utts[1:])
@@ -96,6 +110,30 @@ def test_speaker_means_decide_where_single_outputs_are_ambiguous():
     silent = {u: np.zeros(2) for u in outputs}  # judged as no speech: resembles no one
     assert nearest_speakers_of_means(data, silent, reference) == {"a": None, "b": None}
     assert speaker_identification(data, silent, reference, {}) == 0.0
+
+
+def test_neither_an_output_nor_its_prompt_votes_for_its_speaker(caplog):
+    unit = lambda v: np.asarray(v, dtype=float) / np.linalg.norm(v)  # noqa: E731
+    utts = ("a1", "a2", "b1", "b2")
+    data = DataDir(wav={u: u for u in utts}, text={u: "" for u in utts},
+                   utt2spk={"a1": "a", "a2": "a", "b1": "b", "b2": "b"})
+    reference = {"a1": unit([1, 0]), "a2": unit([1, 0]), "b1": unit([0, 1]), "b2": unit([0, 1])}
+    # a1 prompted by a2: speaker a has no third recording, so a1 cannot be identified
+    with caplog.at_level(logging.WARNING):
+        nearest = nearest_speakers(data, {"a1": unit([1, 0.1])}, reference, {"a1": "a2"})
+    assert nearest == {"a1": "b"}
+    assert "speaker a has no usable recording besides it and its prompt" in caplog.text
+
+
+def test_a_non_finite_judge_vector_is_refused_and_reports_write_nan_as_null(tmp_path):
+    from cosy.eval.report import write_report
+    from cosy.eval.speaker import _finite
+
+    judge = _finite("cosy", lambda samples, rate: np.full(4, np.nan))
+    with pytest.raises(CosyError, match="the cosy judge gave a non-finite vector for 0.030 s of audio"):
+        judge(np.zeros(480), 16000)
+    write_report(tmp_path / "r", {"sim": float("nan"), "rows": [{"x": float("inf")}]}, "")
+    assert json.loads((tmp_path / "r.json").read_text()) == {"sim": None, "rows": [{"x": None}]}
 
 
 def test_judging_in_two_processes_gives_the_serial_report(tiny_corpus, tmp_path):

@@ -220,6 +220,13 @@ def test_text_bpe_command_learns_from_transcripts_without_ids(tmp_path, capsys):
     assert cosy_main(["text", "bpe", "--data", str(tmp_path / "missing"), "--vocab-size", "300",
                       "--out", str(out)]) == 1
     assert "missing" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "text").write_bytes(b"u1 hello\n  u2 leading space\nu3 \xff\xfe bad\n")
+    assert cosy_main(["text", "bpe", "--data", str(bad), "--vocab-size", "300", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "2 bad line(s)" in err and f"{bad / 'text'}:2: line starts with whitespace" in err
+    assert f"{bad / 'text'}:3: not valid UTF-8" in err
 
 
 @pytest.mark.parametrize("conf,size", [("mini", "tiny"), ("mini", "default"), ("libritts", "v1")])

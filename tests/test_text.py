@@ -24,6 +24,11 @@ from cosy.text.symbols import EOS, LANGUAGE_TAGS, SOS, SPECIAL_TOKENS, TASK_ID, 
     ("It costs $12 today.", "It costs twelve dollars today."),
     ("Born on Jan. 5, 2024.", "Born on the fifth of january, twenty twenty four."),
     ("Dr. Smith   bought 3.5 kg.", "doctor Smith bought three point five kilograms."),
+    # around wetext's misreadings: escaped quotes, money, thousands separators, false abbreviations
+    ('"Hello," she said.', '"Hello," she said.'),
+    ("I paid $1.50 for 1,250 pens.", "I paid one dollar and fifty cents for one thousand two hundred fifty pens."),
+    ("The Sun rose. Why not? No. Never.", "The Sun rose. Why not? No. Never."),
+    ("Sun, 5 May", "Sunday, five May"),
 ])
 def test_normalise_english(text: str, expected: str) -> None:
     assert normalise(text, "en") == expected
@@ -99,6 +104,8 @@ def test_split_english_sentences_keeps_abbreviations_and_decimals() -> None:
     pieces = split_sentences(_EN, "en", max_chars=200, min_chars=0)
     assert pieces == ["Dr. Smith went to Washington.", "He met J. Doe, a senator!", "It cost 3.5 dollars.",
                       "Ok.", "Then he said \"No way.\"", "and left"]
+    assert split_sentences("I said no. Then No. 5 came. So do I. Then it ended.", "en", min_chars=0) == \
+        ["I said no.", "Then No. 5 came.", "So do I.", "Then it ended."]
 
 
 def test_split_merges_short_pieces() -> None:

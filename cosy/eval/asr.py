@@ -98,6 +98,7 @@ def normalise_for_wer(text: str) -> str:
     every other non-alphanumeric character becomes a space, lone digits are spelled
     out, and whitespace is collapsed.
     """
+    text = re.sub("[\u2018\u2019\u02bc]", "'", text)  # typographic apostrophes, which NFKD keeps
     text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
     text = re.sub(r"(?<![a-z])'|'(?![a-z])", " ", text)
     text = re.sub(r"[^a-z0-9']+", " ", text)

@@ -35,7 +35,18 @@ def speaker_embedders(speaker_model: str | None) -> dict[str, Embedder]:
         encoder = load_speaker_encoder(speaker_model)
         embedders["cosy"] = lambda x, sr: _unit(
             encoder(fbank_features(resample(x, sr, SAMPLE_RATE), encoder.feat_dim)))
-    return embedders
+    return {name: _finite(name, embed) for name, embed in embedders.items()}
+
+
+def _finite(name: str, embed: Embedder) -> Embedder:
+    """`embed`, raising CosyError where it gives NaN or infinity (audio of a frame or two):
+    such a vector would score NaN against every speaker."""
+    def checked(samples: np.ndarray, rate: int) -> np.ndarray:
+        vector = embed(samples, rate)
+        if not np.isfinite(vector).all():
+            raise CosyError(f"the {name} judge gave a non-finite vector for {len(samples) / rate:.3f} s of audio")
+        return vector
+    return checked
 
 
 def embed_or_none(embed: Embedder, samples: np.ndarray, rate: int, utt: str) -> np.ndarray | None:
@@ -55,11 +66,11 @@ def _unit(vector: np.ndarray) -> np.ndarray:
 def _nearest_speaker(vector: np.ndarray, data: DataDir, reference: dict[str, np.ndarray],
                      leave_out: set[str]) -> str:
     """The speaker whose centroid (of the reference vectors of their utterances, without
-    `leave_out` unless that leaves none) has the highest cosine with `vector`."""
+    `leave_out`) has the highest cosine with `vector`; a speaker with no other usable
+    recording is not a candidate."""
     scores = {}
     for spk, members in data.spk2utt.items():
-        usable = [m for m in members if m in reference]
-        kept = [m for m in usable if m not in leave_out] or usable
+        kept = [m for m in members if m in reference and m not in leave_out]
         if kept:
             scores[spk] = float(vector @ _unit(np.mean([reference[m] for m in kept], axis=0)))
     return max(scores, key=scores.get)
@@ -70,11 +81,18 @@ def nearest_speakers(data: DataDir, embeddings: dict[str, np.ndarray], reference
     """utt -> the speaker whose centroid is nearest the utterance's vector.
 
     Centroids come from the data dir's recordings (`reference`), leaving out the
-    utterance itself and the prompt it was made from, so the prompt cannot vote.
-    A zero vector (a judge found no speech) is nearest nobody (None).
+    utterance itself and the prompt it was made from, so neither can vote: a speaker needs
+    a third usable recording for their outputs to be identified (warned about). A zero
+    vector (a judge found no speech) is nearest nobody (None).
     """
-    return {utt: _nearest_speaker(vector, data, reference, {utt, exclude.get(utt)}) if vector.any() else None
-            for utt, vector in embeddings.items()}
+    nearest = {}
+    for utt, vector in embeddings.items():
+        leave_out = {utt, exclude.get(utt)}
+        if not any(m in reference and m not in leave_out for m in data.spk2utt[data.utt2spk[utt]]):
+            log.warning("utterance %s: speaker %s has no usable recording besides it and its prompt, so it "
+                        "cannot be identified", utt, data.utt2spk[utt])
+        nearest[utt] = _nearest_speaker(vector, data, reference, leave_out) if vector.any() else None
+    return nearest
 
 
 def nearest_speakers_of_means(data: DataDir, embeddings: dict[str, np.ndarray],

@@ -48,16 +48,23 @@ def read_hypotheses(hyp_dir: Path, data: DataDir) -> tuple[dict[str, Path], dict
     """(utt -> wav path, utt -> prompt utt) for the hypothesis dir."""
     if not hyp_dir.is_dir():
         raise CosyError(f"hypothesis dir not found: {hyp_dir}")
-    wavs = {p.stem: p for p in sorted(hyp_dir.glob("*.wav")) if p.stem in data.wav}
+    found = {p.stem: p for p in sorted(hyp_dir.glob("*.wav"))}
+    wavs = {utt: path for utt, path in found.items() if utt in data.wav}
     if not wavs:
         raise CosyError(f"{hyp_dir} has no <utt>.wav for any utterance of {data.path}")
+    if len(wavs) < len(found):
+        log.warning("%d wav(s) in %s name no utterance of %s and are not scored, e.g. %s", len(found) - len(wavs),
+                    hyp_dir, data.path, next(u for u in found if u not in wavs))
+    if len(wavs) < len(data.wav):
+        log.warning("%d utterance(s) of %s have no output in %s; both lines are scored without them",
+                    len(data.wav) - len(wavs), data.path, hyp_dir)
     prompts: dict[str, str] = {}
     table = hyp_dir / "utt2prompt"
     if table.is_file():
         for number, line in enumerate(table.read_text().splitlines(), 1):
             parts = line.split()
-            if len(parts) != 2 or parts[1] not in data.wav:
-                raise CosyError(f"{table}:{number}: expected '<utt> <prompt utt of {data.path}>'")
+            if len(parts) != 2 or parts[0] not in data.wav or parts[1] not in data.wav:
+                raise CosyError(f"{table}:{number}: expected '<utt of {data.path}> <its prompt utt>'")
             prompts[parts[0]] = parts[1]
     return wavs, prompts
 
@@ -190,7 +197,7 @@ def evaluate(hyp_dir: str | Path, data_dir: str | Path, speaker_model: str | Non
     results = judge_all(tasks, make_judges, num_jobs)
     recordings = dict(zip(data.utts, results))
     outputs = dict(zip(utts, results[len(data.utts):]))
-    _log_problems(recordings, outputs)
+    _log_problems(recordings, outputs, mos)
     reference = {name: {u: j.vectors[name] for u, j in recordings.items() if name in j.vectors}
                  for name in speaker_judge_names(speaker_model)}
     for name, vectors in reference.items():
@@ -205,7 +212,7 @@ def evaluate(hyp_dir: str | Path, data_dir: str | Path, speaker_model: str | Non
     }
 
 
-def _log_problems(recordings: dict[str, Judged], outputs: dict[str, Judged]) -> None:
+def _log_problems(recordings: dict[str, Judged], outputs: dict[str, Judged], mos: bool) -> None:
     """Warn of each wav a judge could not use, and of what the scores make of it: a judge
     without a vector or a transcript treats the wav as empty (no words, nobody's voice)."""
     for utt, judged in recordings.items():
@@ -214,7 +221,8 @@ def _log_problems(recordings: dict[str, Judged], outputs: dict[str, Judged]) -> 
             log.warning("recording %s: %s; left out of the speaker centroids%s", utt, problem, scored)
     for utt, judged in outputs.items():
         for problem in judged.problems:
-            log.warning("output %s: %s; scored as empty", utt, problem)
+            log.warning("output %s: %s; scored as empty%s", utt, problem,
+                        " and left out of the DNSMOS mean" if mos and judged.mos is None else "")
 
 
 METRICS = [("wer", "WER (%)", 100.0), ("sim_resemblyzer", "SIM resemblyzer", 1.0), ("sim_cosy", "SIM cosy", 1.0),

@@ -7,7 +7,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from cosy.data.kaldi import read_entries
+from cosy.data.kaldi import Problem, read_entries
 from cosy.errors import CosyError
 
 
@@ -27,7 +27,11 @@ def transcripts(data_dirs: list[str]) -> list[str]:
         table = Path(data) / "text"
         if not table.is_file():
             raise CosyError(f"--data {data}: no `text` file in it")
-        lines += [entry.value for entry in read_entries(table, []) if entry.value]
+        problems: list[Problem] = []
+        lines += [entry.value for entry in read_entries(table, problems) if entry.value]
+        if problems:
+            shown = "\n  ".join(str(p) for p in problems[:10])
+            raise CosyError(f"--data {data}: {len(problems)} bad line(s) in its text file:\n  {shown}")
     if not lines:
         raise CosyError(f"--data {', '.join(data_dirs)}: no transcripts to learn from")
     return lines

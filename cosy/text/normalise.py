@@ -4,6 +4,13 @@ The grammars come from the pip package wetext (English and Chinese WeTextProcess
 FSTs, no compiler needed). When wetext is missing or fails on a sentence, a plain
 fallback spells out numbers, currency and a few abbreviations, so synthesis never
 stops on an odd input.
+
+wetext's English grammar misreads some inputs, so they are handled around it: amounts
+of money and numbers with thousands separators are spelt out by the fallback's rules
+first ("$1.50" is not "one point five dollars", "1,234" not "thousand two hundred ...");
+capitalised words that look like weekday abbreviations and "No." without a number after
+them are hidden from it ("The Sun", "No. Never." stay as written); and the backslashes
+it puts before quotes and backslashes are taken out again.
 """
 
 from __future__ import annotations
@@ -43,11 +50,32 @@ def normalise(text: str, lang: str = "en") -> str:
     if normaliser is None:
         return fallback_normalise(text, lang)
     try:
-        spoken = normaliser.normalize(text)
+        spoken = _english_with_wetext(text, normaliser) if lang == "en" else normaliser.normalize(text)
     except Exception as err:  # any grammar failure: fall back, never stop a synthesis
         log.warning("wetext failed on %r (%s); using the plain fallback", text[:80], err)
         spoken = fallback_normalise(text, lang)
     return _SPACES.sub(" ", spoken).strip()
+
+
+_EN_OWN_NUMBER = re.compile(r"[$€£¥]\d|\d,\d{3}")  # a match of _NUMBER that the fallback reads
+_EN_NOT_ABBREVIATION = re.compile(r"\b(?:(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun)\b(?!\.?,?\s*\d)|No(?=\.(?!\s*\d)))")
+_WETEXT_ESCAPE = re.compile(r'\\(["\\])')
+
+
+def _english_with_wetext(text: str, normaliser) -> str:
+    text = _NUMBER.sub(lambda m: _padded(m, _en_number(m)) if _EN_OWN_NUMBER.search(m.group(0)) else m.group(0),
+                       text)
+    hidden = {}
+
+    def hide(match: re.Match) -> str:
+        mask = f"qzx{match.group(0).lower()}xzq"  # lower-case letters, which wetext passes through
+        hidden[mask] = match.group(0)
+        return mask
+
+    spoken = normaliser.normalize(_EN_NOT_ABBREVIATION.sub(hide, text))
+    for mask, word in hidden.items():
+        spoken = spoken.replace(mask, word)
+    return _WETEXT_ESCAPE.sub(r"\1", spoken)
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,11 +110,19 @@ def fallback_normalise(text: str, lang: str = "en") -> str:
     English, common abbreviations)."""
     if lang == "en":
         text = _EN_ABBREVIATION.sub(lambda m: _EN_ABBREVIATIONS[m.group(0)], text)
-        text = _NUMBER.sub(lambda m: f" {_en_number(m)} ", text)  # "3kg" -> "three kg"
+        text = _NUMBER.sub(lambda m: _padded(m, _en_number(m)), text)
         text = _SPACE_BEFORE_PUNCT.sub("", text)
     else:
         text = _NUMBER.sub(_zh_number, text)
     return _SPACES.sub(" ", text).strip()
+
+
+def _padded(match: re.Match, words: str) -> str:
+    """`words` for `match`, with a space on each side where a letter or digit touches it ("3kg" -> "three kg")."""
+    text, start, end = match.string, match.start(), match.end()
+    before = " " if start and text[start - 1].isalnum() else ""
+    after = " " if end < len(text) and text[end].isalnum() else ""
+    return before + words + after
 
 
 def _en_number(match: re.Match) -> str:

@@ -53,9 +53,12 @@ def _sentence_ends(text: str) -> list[int]:
     ends = []
     for match in _SENTENCE_END.finditer(text):
         word = text[:match.start()].rsplit(None, 1)[-1] if text[:match.start()].strip() else ""
-        # "Dr. Smith", "J. Smith", "U.S. law": a period after these is not a full stop.
-        is_abbreviation = match.group(0) == "." and (word.lower() in _ABBREVIATIONS or len(word) == 1
-                                                     or "." in word)
+        # "Dr. Smith", "J. Smith", "U.S. law", "No. 5": a period after these is not a full
+        # stop; after "no", "I" or a lower-case letter it is ("I said no. Then", "So do I.")
+        number_follows = text[match.end():].lstrip()[:1].isdigit()
+        is_abbreviation = match.group(0) == "." and (
+            (word.lower() in _ABBREVIATIONS and (word.lower() != "no" or number_follows))
+            or (len(word) == 1 and word.isupper() and word != "I") or "." in word)
         if not is_abbreviation:
             ends.append(match.end())
     return ends

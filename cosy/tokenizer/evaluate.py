@@ -85,6 +85,8 @@ def evaluate(data_dir: str | Path, backend, batch_size: int = 8, num_workers: in
              codebook_size: int | None = None) -> dict:
     """All the metrics above as a dict (see the module docstring). A model trained with the
     `none` quantiser has no tokens: only its ASR scores are reported (`tokens` is None)."""
+    if batch_size < 1:
+        raise CosyError(f"--batch-size must be at least 1, got {batch_size}")
     data = DataDir.load(data_dir)
     skipped: list[tuple[str, str]] = []
     items = list(readable_features(data, data.utts, backend.mel, num_workers, skipped))
