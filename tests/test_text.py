@@ -62,6 +62,7 @@ def test_fallback_when_wetext_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     assert normalise(text, "en") == \
         "I have twenty three apples, one thousand two hundred fifty pears and four dollars and fifty cents."
     assert normalise("增长50%，共2024人", "zh") == "增长百分之五十，共二千零二十四人"
+    assert fallback_normalise("2024年我有10年经验", "zh") == "二零二四年我有十年经验"
 
 
 def test_fallback_when_wetext_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -146,7 +146,8 @@ def _en_number(match: re.Match) -> str:
 
 def _zh_number(match: re.Match) -> str:
     digits, frac = match.group("int").replace(",", ""), match.group("frac")
-    is_year = match.string.startswith("年", match.end())  # 2024年 is read digit by digit
+    # a year (2024年) is read digit by digit, a count of years (10年) as a number
+    is_year = match.string.startswith("年", match.end()) and len(digits) == 4 and frac is None
     by_digit = is_year or _read_as_digits(digits)
     words = _read_digits(digits, _ZH_DIGITS, "") if by_digit else chinese_integer(int(digits))
     if frac is not None:
