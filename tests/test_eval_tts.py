@@ -112,16 +112,17 @@ def test_speaker_means_decide_where_single_outputs_are_ambiguous():
     assert speaker_identification(data, silent, reference, {}) == 0.0
 
 
-def test_neither_an_output_nor_its_prompt_votes_for_its_speaker(caplog):
+def test_a_speaker_without_a_third_recording_is_warned_about(caplog):
     unit = lambda v: np.asarray(v, dtype=float) / np.linalg.norm(v)  # noqa: E731
     utts = ("a1", "a2", "b1", "b2")
     data = DataDir(wav={u: u for u in utts}, text={u: "" for u in utts},
                    utt2spk={"a1": "a", "a2": "a", "b1": "b", "b2": "b"})
     reference = {"a1": unit([1, 0]), "a2": unit([1, 0]), "b1": unit([0, 1]), "b2": unit([0, 1])}
-    # a1 prompted by a2: speaker a has no third recording, so a1 cannot be identified
+    # a1 prompted by a2: speaker a has no third recording, so those two make its centroid
     with caplog.at_level(logging.WARNING):
-        nearest = nearest_speakers(data, {"a1": unit([1, 0.1])}, reference, {"a1": "a2"})
-    assert nearest == {"a1": "b"}
+        nearest = nearest_speakers(data, {"a1": unit([1, 0.1]), "b1": unit([0.1, 1])}, reference,
+                                   {"a1": "a2", "b1": "b2"})
+    assert nearest == {"a1": "a", "b1": "b"}
     assert "speaker a has no usable recording besides it and its prompt" in caplog.text
 
 

@@ -66,11 +66,11 @@ def _unit(vector: np.ndarray) -> np.ndarray:
 def _nearest_speaker(vector: np.ndarray, data: DataDir, reference: dict[str, np.ndarray],
                      leave_out: set[str]) -> str:
     """The speaker whose centroid (of the reference vectors of their utterances, without
-    `leave_out`) has the highest cosine with `vector`; a speaker with no other usable
-    recording is not a candidate."""
+    `leave_out` unless that leaves none) has the highest cosine with `vector`."""
     scores = {}
     for spk, members in data.spk2utt.items():
-        kept = [m for m in members if m in reference and m not in leave_out]
+        usable = [m for m in members if m in reference]
+        kept = [m for m in usable if m not in leave_out] or usable
         if kept:
             scores[spk] = float(vector @ _unit(np.mean([reference[m] for m in kept], axis=0)))
     return max(scores, key=scores.get)
@@ -81,16 +81,16 @@ def nearest_speakers(data: DataDir, embeddings: dict[str, np.ndarray], reference
     """utt -> the speaker whose centroid is nearest the utterance's vector.
 
     Centroids come from the data dir's recordings (`reference`), leaving out the
-    utterance itself and the prompt it was made from, so neither can vote: a speaker needs
-    a third usable recording for their outputs to be identified (warned about). A zero
-    vector (a judge found no speech) is nearest nobody (None).
+    utterance itself and the prompt it was made from, so neither can vote. A speaker with
+    no third usable recording keeps them (warned about: such a speaker's identification
+    is flattered). A zero vector (a judge found no speech) is nearest nobody (None).
     """
     nearest = {}
     for utt, vector in embeddings.items():
         leave_out = {utt, exclude.get(utt)}
         if not any(m in reference and m not in leave_out for m in data.spk2utt[data.utt2spk[utt]]):
-            log.warning("utterance %s: speaker %s has no usable recording besides it and its prompt, so it "
-                        "cannot be identified", utt, data.utt2spk[utt])
+            log.warning("utterance %s: speaker %s has no usable recording besides it and its prompt, so "
+                        "those two make the speaker's centroid", utt, data.utt2spk[utt])
         nearest[utt] = _nearest_speaker(vector, data, reference, leave_out) if vector.any() else None
     return nearest
 
