@@ -386,6 +386,27 @@ def test_text_file_and_manifest_write_one_wav_per_line(system, tmp_path, capsys)
     assert "line 1: expected utt<TAB>text<TAB>prompt_wav" in capsys.readouterr().err
 
 
+def test_each_text_is_normalised_once(system, tmp_path, monkeypatch):
+    import cosy.text.normalise as normalise_module
+    from cosy.text.split import split_sentences
+
+    seen = []
+    plain = normalise_module.normalise
+    monkeypatch.setattr(normalise_module, "normalise", lambda text, lang: seen.append(text) or plain(text, lang))
+    tts = system["tts"]
+    texts = ["The first text is here.", "And a second one. It has two sentences."]
+    (tmp_path / "lines.txt").write_text("\n".join(texts) + "\n")
+    assert cli("synthesize", "--text-file", tmp_path / "lines.txt", "--prompt-wav", system["prompt"],
+               "--model-dir", system["model"], "--out-dir", tmp_path / "out") == 0
+    pieces = [piece for text in texts for piece in split_sentences(text, "en")]
+    assert sorted(seen) == sorted(pieces)  # the skip check and the synthesis share one pass
+    seen.clear()
+    sum(map(len, tts.stream(texts[1], system["prompt"], seed=0)))
+    spoken = tts.spoken(texts[1])
+    tts.synthesize_batch([spoken, spoken], system["prompt"], seed=0)
+    assert sorted(seen) == sorted(split_sentences(texts[1], "en") * 2)
+
+
 def test_batch_api_returns_one_wave_per_text(system):
     tts = system["tts"]
     texts = ["One short sentence to say here.", "Another sentence, said in the same voice."]

@@ -108,8 +108,9 @@ def _text_file(tts, args) -> int:
     usable, skipped = [], []
     for n, text in lines:
         try:
-            tts.sentences(text, len(prompt.text))
-            usable.append((n, text))
+            spoken = tts.spoken(text)
+            tts.sentences(spoken, len(prompt.text))
+            usable.append((n, spoken))
         except CosyError as err:
             log.warning("--text-file %s line %d: %s; skipped", path, n, err)
             skipped.append(str(n))
@@ -149,15 +150,15 @@ def _manifest(tts, args) -> int:
     prompts: dict[tuple[str, str | None], object] = {}
     for utt, text, wav, prompt_text in read_manifest(path):
         try:
-            tts.sentences(text)
+            spoken = tts.spoken(text)
             if (wav, prompt_text) not in prompts:
                 prompts[wav, prompt_text] = tts.prompt(wav, prompt_text)
-            tts.sentences(text, len(prompts[wav, prompt_text].text))
+            tts.sentences(spoken, len(prompts[wav, prompt_text].text))
         except CosyError as err:
             log.warning("utterance %s: %s; skipped", utt, err)
             skipped.append(utt)
             continue
-        usable.append((utt, text, prompts[wav, prompt_text]))
+        usable.append((utt, spoken, prompts[wav, prompt_text]))
     size = max(1, tts.settings.batch_size)
     for start in range(0, len(usable), size):
         batch = usable[start:start + size]

@@ -44,6 +44,15 @@ class Prompt:
     text: list[int]          # transcript ids; empty: the LM gets no prompt
 
 
+@dataclass
+class SpokenText:
+    """A text read out: its speakable sentences, normalised, and their language. Made once
+    by `CosyTTS.spoken`, so that checking a text and synthesising it share the work."""
+
+    lang: str
+    sentences: list[str]
+
+
 def read_audio(source: AudioSource, what: str) -> tuple[np.ndarray, int, str]:
     """Mono float32 samples, their rate and a name for messages ("prompt voice.wav",
     "prompt array"), from a path or (array, rate)."""
@@ -129,24 +138,33 @@ class CosyTTS:
 
     # ------------------------------------------------------------------ inputs
 
-    def sentences(self, text: str, prompt_text_len: int = 0) -> list[list[int]]:
-        """Text ids of each speakable sentence of `text`, each short enough for the LM
-        beside a prompt transcript of `prompt_text_len` ids; CosyError when there is none."""
+    def spoken(self, text: str | SpokenText) -> SpokenText:
+        """`text` split into sentences and normalised; CosyError when nothing is speakable."""
         from cosy.text.normalise import detect_lang, normalise
         from cosy.text.split import split_sentences
 
+        if isinstance(text, SpokenText):
+            return text
         if not isinstance(text, str) or not text.strip():
             raise CosyError("text is empty: give some words to speak")
+        lang = detect_lang(text) if self.settings.lang == "auto" else self.settings.lang
+        spoken = [normalise(piece, lang) for piece in split_sentences(text, lang)]
+        spoken = [s for s in spoken if any(ch.isalnum() for ch in s)]
+        if not spoken:
+            raise CosyError(f"text {text[:60]!r} has nothing speakable after normalisation (no letters or digits)")
+        return SpokenText(lang, spoken)
+
+    def sentences(self, text: str | SpokenText, prompt_text_len: int = 0) -> list[list[int]]:
+        """Text ids of each speakable sentence of `text`, each short enough for the LM
+        beside a prompt transcript of `prompt_text_len` ids; CosyError when there is none."""
+        spoken = self.spoken(text)
         limit = self.parts.llm.cfg.max_text_len
         if prompt_text_len >= limit:
             raise CosyError(f"the prompt text has {prompt_text_len} tokens, which leaves no room for the text under "
                             f"the LM's maximum of {limit} (model.max_text_len): give a shorter prompt text")
-        lang = detect_lang(text) if self.settings.lang == "auto" else self.settings.lang
-        spoken = [normalise(piece, lang) for piece in split_sentences(text, lang)]
-        ids = [part for s in spoken if any(ch.isalnum() for ch in s)
-               for part in self._fitted(s, lang, limit - prompt_text_len)]
+        ids = [part for s in spoken.sentences for part in self._fitted(s, spoken.lang, limit - prompt_text_len)]
         if not ids:
-            raise CosyError(f"text {text[:60]!r} has nothing speakable after normalisation (no letters or digits)")
+            raise CosyError(f"text {' '.join(spoken.sentences)[:60]!r} has no ids in the text tokenizer")
         return ids
 
     def _fitted(self, spoken: str, lang: str, budget: int) -> list[list[int]]:
@@ -210,13 +228,13 @@ class CosyTTS:
         waves = self.synthesize_batch([text], prompt_wav, prompt_text, speed, seed)
         return waves[0], self.sample_rate
 
-    def synthesize_batch(self, texts: Sequence[str], prompt_wav: AudioSource | Sequence[AudioSource],
+    def synthesize_batch(self, texts: Sequence[str | SpokenText], prompt_wav: AudioSource | Sequence[AudioSource],
                          prompt_text: str | None | Sequence[str | None] = None, speed: float = 1.0,
                          seed: int | None = None) -> list[np.ndarray]:
         """Several texts at once (the LM decodes up to `synthesis.batch_size` sentences
         together). `prompt_wav` / `prompt_text` are one for all texts or a list with one per
-        text; a prompt may also be a `Prompt` from `self.prompt`, whose transcript it carries.
-        Returns one float32 waveform per text at `self.sample_rate`."""
+        text; a prompt may also be a `Prompt` from `self.prompt`, whose transcript it carries,
+        and a text a `SpokenText` from `self.spoken`. Returns one float32 waveform per text at `self.sample_rate`."""
         texts = list(texts)
         wavs = list(prompt_wav) if isinstance(prompt_wav, list) else [prompt_wav] * len(texts)
         prompt_texts = list(prompt_text) if isinstance(prompt_text, list) else [prompt_text] * len(texts)
@@ -235,9 +253,9 @@ class CosyTTS:
 
         rows = []  # (text index, sentence ids, prompt)
         for index, (text, wav, ptext) in enumerate(zip(texts, wavs, prompt_texts)):
-            self.sentences(text)  # a bad text fails before its prompt is analysed
+            spoken = self.spoken(text)  # a bad text fails before its prompt is analysed
             prompt = prompt_for(wav, ptext)
-            rows += [(index, ids, prompt) for ids in self.sentences(text, len(prompt.text))]
+            rows += [(index, ids, prompt) for ids in self.sentences(spoken, len(prompt.text))]
         pieces: list[list[np.ndarray]] = [[] for _ in texts]
         with _seeded(seed, self.device):
             size = max(1, self.settings.batch_size)
@@ -298,7 +316,7 @@ class CosyTTS:
             out += [pause, piece]
         return np.concatenate(out).astype(np.float32)
 
-    def stream(self, text: str, prompt_wav: AudioSource, prompt_text: str | None = None, speed: float = 1.0,
+    def stream(self, text: str | SpokenText, prompt_wav: AudioSource, prompt_text: str | None = None, speed: float = 1.0,
                seed: int | None = None) -> Iterator[np.ndarray]:
         """Float32 audio chunks of `text` as they are made: each LM token goes straight on
         to chunked flow decoding and the streaming vocoder, so the first chunk comes long
@@ -306,9 +324,9 @@ class CosyTTS:
         raises here, before the first chunk is asked for. The prompt may be a `Prompt`
         from `self.prompt`, as in `synthesize_batch`."""
         self._check_speed(speed)
-        self.sentences(text)  # a bad text fails before the prompt is analysed
+        spoken = self.spoken(text)  # a bad text fails before the prompt is analysed
         prompt = prompt_wav if isinstance(prompt_wav, Prompt) else self.prompt(prompt_wav, prompt_text)
-        return self._stream(self.sentences(text, len(prompt.text)), prompt, speed, seed)
+        return self._stream(self.sentences(spoken, len(prompt.text)), prompt, speed, seed)
 
     def _stream(self, sentences: list[list[int]], prompt: Prompt, speed: float,
                 seed: int | None) -> Iterator[np.ndarray]:
