@@ -90,6 +90,14 @@ def test_chinese_integer(n: int, words: str) -> None:
     assert chinese_integer(n) == words
 
 
+def test_fallback_reads_ordinals_times_and_minus() -> None:
+    assert fallback_normalise("The 21st, 2nd, 3rd, 11th, 12th and 40th days.", "en") == \
+        "The twenty first, second, third, eleventh, twelfth and fortieth days."
+    assert fallback_normalise("Meet at 10:05, not 9:30 or 12:00.", "en") == \
+        "Meet at ten oh five, not nine thirty or twelve o'clock."
+    assert fallback_normalise("It was -5 today, 3-5 tomorrow.", "en") == "It was minus five today, three-five tomorrow."
+
+
 def test_fallback_reads_codes_digit_by_digit() -> None:
     assert fallback_normalise("Agent 007 scored 3.05%", "en") == "Agent zero zero seven scored three point zero five percent"
     assert fallback_normalise("Dr. Who paid $1", "en") == "doctor Who paid one dollar"

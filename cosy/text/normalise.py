@@ -101,6 +101,11 @@ _EN_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 _EN_SCALES = ((10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (1000, "thousand"))
 _EN_CURRENCY = {"$": ("dollar", "dollars", "cent", "cents"), "€": ("euro", "euros", "cent", "cents"),
                 "£": ("pound", "pounds", "penny", "pence"), "¥": ("yuan", "yuan", "fen", "fen")}
+_EN_ORDINAL = re.compile(r"\b(\d+)(?:st|nd|rd|th)\b")
+_EN_ORDINAL_ENDINGS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
+                       "nine": "ninth", "twelve": "twelfth"}
+_EN_TIME = re.compile(r"\b([01]?\d|2[0-3]):([0-5]\d)\b")
+_EN_MINUS = re.compile(r"(?<![\w.,])-(?=\d)")  # "-5", not "3-5" or "pre-2000"
 _ZH_DIGITS = "零一二三四五六七八九"
 _ZH_CURRENCY = {"$": "美元", "€": "欧元", "£": "英镑", "¥": "元"}
 
@@ -110,6 +115,9 @@ def fallback_normalise(text: str, lang: str = "en") -> str:
     English, common abbreviations)."""
     if lang == "en":
         text = _EN_ABBREVIATION.sub(lambda m: _EN_ABBREVIATIONS[m.group(0)], text)
+        text = _EN_ORDINAL.sub(lambda m: english_ordinal(int(m.group(1))), text)
+        text = _EN_TIME.sub(_en_time, text)
+        text = _EN_MINUS.sub("minus ", text)
         text = _NUMBER.sub(lambda m: _padded(m, _en_number(m)), text)
         text = _SPACE_BEFORE_PUNCT.sub("", text)
     else:
@@ -142,6 +150,25 @@ def _en_number(match: re.Match) -> str:
     if currency:
         words += " " + (currency[0] if digits == "1" and frac is None else currency[1])
     return words
+
+
+def english_ordinal(n: int) -> str:
+    """English ordinal words of 0 <= n < 10**15 ("twenty first")."""
+    words = english_integer(n).split(" ")
+    last = words[-1]
+    if last in _EN_ORDINAL_ENDINGS:
+        words[-1] = _EN_ORDINAL_ENDINGS[last]
+    else:
+        words[-1] = last[:-1] + "ieth" if last.endswith("y") else last + "th"
+    return " ".join(words)
+
+
+def _en_time(match: re.Match) -> str:
+    """"10:05" -> "ten oh five", "10:00" -> "ten o'clock"."""
+    hours, minutes = english_integer(int(match.group(1))), int(match.group(2))
+    if minutes == 0:
+        return f"{hours} o'clock"
+    return f"{hours} {'oh ' if minutes < 10 else ''}{english_integer(minutes)}"
 
 
 def _zh_number(match: re.Match) -> str:
