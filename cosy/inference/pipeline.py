@@ -234,7 +234,8 @@ class CosyTTS:
         """Several texts at once (the LM decodes up to `synthesis.batch_size` sentences
         together). `prompt_wav` / `prompt_text` are one for all texts or a list with one per
         text; a prompt may also be a `Prompt` from `self.prompt`, whose transcript it carries,
-        and a text a `SpokenText` from `self.spoken`. Returns one float32 waveform per text at `self.sample_rate`."""
+        and a text a `SpokenText` from `self.spoken`. Returns one float32 waveform per text
+        at `self.sample_rate`."""
         texts = list(texts)
         wavs = list(prompt_wav) if isinstance(prompt_wav, list) else [prompt_wav] * len(texts)
         prompt_texts = list(prompt_text) if isinstance(prompt_text, list) else [prompt_text] * len(texts)
@@ -316,8 +317,8 @@ class CosyTTS:
             out += [pause, piece]
         return np.concatenate(out).astype(np.float32)
 
-    def stream(self, text: str | SpokenText, prompt_wav: AudioSource, prompt_text: str | None = None, speed: float = 1.0,
-               seed: int | None = None) -> Iterator[np.ndarray]:
+    def stream(self, text: str | SpokenText, prompt_wav: AudioSource, prompt_text: str | None = None,
+               speed: float = 1.0, seed: int | None = None) -> Iterator[np.ndarray]:
         """Float32 audio chunks of `text` as they are made: each LM token goes straight on
         to chunked flow decoding and the streaming vocoder, so the first chunk comes long
         before the LM finishes. Sentences follow one another with a short pause. Bad input
