@@ -220,6 +220,33 @@ def random_warp(mel: torch.Tensor, warp: FrequencyWarpConfig,
     return warp_mel(mel, factors, cfg), chosen
 
 
+def long_term_spectrum(mel: torch.Tensor, loud_share: float = 0.7) -> torch.Tensor:
+    """Mean log mel `(n_mels,)` of the loudest `loud_share` of the frames of `mel`
+    `(n_mels, frames)`, less its mean over bins: the spectral shape of a voice, without
+    its silences or its level."""
+    loud = mel.mean(0).topk(max(1, int(loud_share * mel.shape[1]))).indices
+    shape = mel[:, loud].mean(1)
+    return shape - shape.mean()
+
+
+def matching_warp(mel: torch.Tensor, reference: torch.Tensor, cfg: MelConfig, max_semitones: float,
+                  step_semitones: float = 0.1) -> float:
+    """The `warp_mel` factor, at most `max_semitones` either way, that brings the long-term
+    spectrum of `mel` `(n_mels, frames)` nearest (squared error) to that of `reference`
+    `(n_mels, frames')`: a vocal-tract-length match of two recordings' voices.
+
+    Between two recordings of one sox-pitched voice it finds 0 +- 0.4 semitones, between
+    two sox pitches of one voice their difference (recipes/mini/RESULTS.md)."""
+    steps = int(round(max_semitones / step_semitones))
+    semitones = torch.arange(-steps, steps + 1, device=mel.device, dtype=torch.float32) * step_semitones
+    factors = 2.0 ** (semitones / 12)
+    shape = long_term_spectrum(mel.float())
+    candidates = warp_mel(shape[None, :, None].expand(len(factors), -1, 1), factors, cfg)[:, :, 0]
+    candidates = candidates - candidates.mean(1, keepdim=True)
+    error = (candidates - long_term_spectrum(reference.float())[None]).pow(2).mean(1)
+    return float(factors[error.argmin()])
+
+
 def mel_spectrogram(wave: torch.Tensor, cfg: MelConfig, lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Log magnitude mel of `wave` (batch, samples) -> (batch, n_mels, frames).
 

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from cosy.audio import (FbankConfig, MelConfig, WhisperMelConfig, fbank_frames, kaldi_fbank, load_audio,
-                        mel_frames, mel_spectrogram, save_audio, warp_mel, whisper_frames, whisper_log_mel)
+                        matching_warp, mel_frames, mel_spectrogram, save_audio, warp_mel, whisper_frames, whisper_log_mel)
 from cosy.errors import CosyError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference" / "frontend.io.safetensors"
@@ -125,6 +125,16 @@ def test_warp_mel_moves_pitch_and_formant_by_the_factor(cfg, mel_of, share) -> N
     assert distance(restored, low[0]) < share * distance(warped[0], low[0])
     padding = torch.full((1, cfg.n_mels, 3), math.log(1e-5))
     torch.testing.assert_close(warp_mel(padding, torch.tensor([1.2]), cfg), padding)
+
+
+def test_matching_warp_finds_the_semitones_between_two_pitches_of_a_voice() -> None:
+    cfg = MelConfig.v1()
+    low, high = (mel_spectrogram(torch.from_numpy(_harmonics(f0, 1.0, cfg.sample_rate, formant))[None], cfg)[0]
+                 for f0, formant in ((150.0, 800.0), (150.0 * 2 ** 0.25, 800.0 * 2 ** 0.25)))  # 3 semitones
+    assert matching_warp(low, low, cfg, 4.0) == 1.0
+    assert abs(12 * math.log2(matching_warp(high, low, cfg, 4.0)) + 3) <= 0.3
+    assert abs(12 * math.log2(matching_warp(low, high, cfg, 4.0)) - 3) <= 0.3
+    assert abs(12 * math.log2(matching_warp(high, low, cfg, 1.0))) <= 1 + 1e-4  # never beyond the limit
 
 
 # ---------------------------------------------------------------- Whisper log-mel

@@ -162,6 +162,17 @@ def test_pack_cli_errors(system, tmp_path, capsys):
     bad = [a if not a.startswith("--llm") else f"--llm={onnx}" for a in args]
     assert cli("pack", *bad, "--text-tokenizer", system["tokenizer"], "--out", tmp_path / "m") == 1
     assert "only the tokenizer and speaker encoder may be ONNX" in capsys.readouterr().err
+    assert cli("pack", *args, "--text-tokenizer", system["tokenizer"], "--out", tmp_path / "m",
+               "--synthesis", "speed=2") == 1
+    assert "speed" in capsys.readouterr().err
+    assert cli("pack", *args, "--text-tokenizer", system["tokenizer"], "--out", tmp_path / "m",
+               "--synthesis", "prompt_warp_semitones=-1") == 1
+    assert "synthesis.prompt_warp_semitones must be in [0, 12], got -1" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+    assert cli("pack", *args, "--text-tokenizer", system["tokenizer"], "--out", tmp_path / "m",
+               "--synthesis", "prompt_warp_semitones=4", "batch_size=2") == 0
+    synthesis = yaml.safe_load((tmp_path / "m" / "config.yaml").read_text())["synthesis"]
+    assert synthesis["prompt_warp_semitones"] == 4 and synthesis["batch_size"] == 2
 
 
 # ---------------------------------------------------------------------------- synthesis
@@ -187,6 +198,35 @@ def test_stream_gives_the_offline_length_and_seed_fixes_samples(system, tmp_path
     assert len(s) == len(a)
     c, _ = system["tts"].synthesize(TEXT, system["prompt"], seed=8)
     assert not np.array_equal(c[:len(a)] if len(c) >= len(a) else c, a[:len(c)] / 32768.0)
+
+
+def test_prompt_warp_reaches_the_vocoder_offline_and_streaming(system, monkeypatch):
+    from dataclasses import replace
+
+    import cosy.inference.pipeline as pipeline
+    import cosy.inference.streaming as streaming
+    from cosy.audio import warp_mel
+
+    tts = system["tts"]
+    flow, vocoder = tts.parts.flow, tts.parts.vocoder
+    decoded, vocoded, estimates = [], [], []
+    inference, forward = flow.inference, vocoder.forward
+    monkeypatch.setattr(flow, "inference", lambda *a, **k: decoded.append(inference(*a, **k)) or decoded[-1])
+    monkeypatch.setattr(vocoder, "forward", lambda mel, *a, **k: vocoded.append(mel) or forward(mel, *a, **k))
+    for module in (pipeline, streaming):
+        monkeypatch.setattr(module, "matching_warp", lambda mel, ref, cfg, limit: estimates.append(limit) or 1.1)
+    monkeypatch.setattr(tts, "settings", replace(tts.settings, prompt_warp_semitones=3.0))
+    prompt = tts.prompt(system["prompt"])
+    tts.synthesize("A short one.", prompt, seed=0)
+    assert estimates == [3.0]
+    torch.testing.assert_close(vocoded[0], warp_mel(decoded[0], torch.tensor([1.1]), flow.cfg.mel))
+    estimates.clear()
+    list(tts.stream(TEXT, prompt, seed=0))
+    assert estimates == [3.0]  # the first chunk fixes the factor for the rest
+    monkeypatch.setattr(tts, "settings", replace(tts.settings, prompt_warp_semitones=0.0))
+    decoded.clear(), vocoded.clear(), estimates.clear()
+    tts.synthesize("A short one.", prompt, seed=0)
+    assert estimates == [] and torch.equal(vocoded[0], decoded[0])
 
 
 def test_first_stream_chunk_comes_before_the_lm_finishes(system, monkeypatch):
@@ -343,7 +383,8 @@ def test_synthesis_settings_are_checked():
     for field, value, message in (("pause_seconds", -0.1, "synthesis.pause_seconds must be >= 0, got -0.1"),
                                   ("batch_size", 0, "synthesis.batch_size must be >= 1"),
                                   ("lang", "fr", "synthesis.lang must be auto, en or zh, got 'fr'"),
-                                  ("max_prompt_seconds", 0.5, "must be >= min_prompt_seconds")):
+                                  ("max_prompt_seconds", 0.5, "must be >= min_prompt_seconds"),
+                                  ("prompt_warp_semitones", 13, "must be in [0, 12]")):
         with pytest.raises(CosyError, match=re.escape(message)):
             SynthesisConfig(**{field: value}).check()
 

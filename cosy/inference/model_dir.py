@@ -47,6 +47,11 @@ class SynthesisConfig:
         once this many new tokens have come and emits the new frames except the last
         `stream_holdback_tokens` tokens' worth, which still lack right context; the chunk
         then grows by `stream_chunk_growth` (which bounds the total cost).
+    prompt_warp_semitones: 0 (off), or the most by which the flow decoder's mel is
+        frequency-warped (pitch and formants together) to match the long-term spectrum of
+        the prompt before the vocoder: a vocal-tract-length correction for voices that the
+        decoder pulls toward its training voices (`cosy.audio.matching_warp`). Streaming
+        fixes the warp on the first chunk.
     """
 
     lang: str = "auto"
@@ -57,6 +62,7 @@ class SynthesisConfig:
     stream_chunk_tokens: int = 25
     stream_holdback_tokens: int = 5
     stream_chunk_growth: float = 2.0
+    prompt_warp_semitones: float = 0.0
 
     def check(self) -> None:
         """CosyError naming the first setting out of its range."""
@@ -67,7 +73,8 @@ class SynthesisConfig:
                  ("batch_size", self.batch_size >= 1, ">= 1"),
                  ("stream_chunk_tokens", self.stream_chunk_tokens >= 1, ">= 1"),
                  ("stream_holdback_tokens", self.stream_holdback_tokens >= 0, ">= 0"),
-                 ("stream_chunk_growth", self.stream_chunk_growth >= 1, ">= 1")]
+                 ("stream_chunk_growth", self.stream_chunk_growth >= 1, ">= 1"),
+                 ("prompt_warp_semitones", 0 <= self.prompt_warp_semitones <= 12, "in [0, 12]")]
         for name, ok, rule in rules:
             if not ok:
                 raise CosyError(f"synthesis.{name} must be {rule}, got {getattr(self, name)!r}")
@@ -344,9 +351,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="new model directory (must not exist or be empty)")
     parser.add_argument("--half", action="store_true",
                         help="store the PyTorch parts' weights as float16 (half the size; computed in float32)")
+    parser.add_argument("--synthesis", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="synthesis: settings of the model dir (e.g. prompt_warp_semitones=4)")
 
 
 def run(args) -> int:
-    out = pack({part: getattr(args, part) for part in PARTS}, args.text_tokenizer, args.out, half=args.half)
+    overrides = [f"synthesis.{item}" for item in args.synthesis]
+    synthesis = cfgio.from_dict(SynthesisConfig, cfgio.apply_overrides({}, overrides).get("synthesis", {}),
+                                "synthesis")
+    synthesis.check()
+    out = pack({part: getattr(args, part) for part in PARTS}, args.text_tokenizer, args.out, synthesis, args.half)
     print(f"wrote model dir {out}")
     return 0

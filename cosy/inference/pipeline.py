@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from cosy.audio import load_audio, mel_spectrogram, resample, whisper_log_mel
+from cosy.audio import load_audio, matching_warp, mel_spectrogram, resample, warp_mel, whisper_log_mel
 from cosy.errors import CosyError
 from cosy.inference.model_dir import Parts, load, text_vocab
-from cosy.inference.streaming import mel_stream, stream_audio
+from cosy.inference.streaming import PromptWarp, mel_stream, stream_audio
 
 AudioSource = Union[str, Path, tuple]  # a file, or (samples, sample_rate)
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "default"
@@ -293,15 +293,18 @@ class CosyTTS:
     def render(self, items: list[tuple[list[int], Prompt]], speed: float = 1.0) -> list[np.ndarray]:
         """(speech tokens, prompt) pairs -> waveforms: the flow decodes each one, the
         vocoder all of them as one padded batch."""
-        flow = self.parts.flow
+        flow, max_warp = self.parts.flow, self.settings.prompt_warp_semitones
         mels = []
         for tokens, prompt in items:
             if not tokens:
                 mels.append(prompt.mel.new_zeros(flow.cfg.n_mels, 0))
                 continue
             target = torch.tensor([tokens], dtype=torch.long, device=self.device)
-            mels.append(flow.inference(target, prompt.tokens[None], prompt.mel[None], prompt.embedding[None],
-                                       speed)[0])
+            mel = flow.inference(target, prompt.tokens[None], prompt.mel[None], prompt.embedding[None], speed)
+            if max_warp:
+                factor = matching_warp(mel[0], prompt.mel, flow.cfg.mel, max_warp)
+                mel = warp_mel(mel, mel.new_tensor([factor]), flow.cfg.mel)
+            mels.append(mel[0])
         lengths = torch.tensor([m.shape[1] for m in mels], device=self.device)
         if not int(lengths.max()):
             return [np.zeros(0, dtype=np.float32) for _ in items]
@@ -347,6 +350,8 @@ class CosyTTS:
         decoder = mel_stream(self.parts.flow, prompt.tokens[None], prompt.mel[None], prompt.embedding[None], speed,
                              math.floor(len(ids) * llm.cfg.max_token_text_ratio) + 1, s.stream_chunk_tokens,
                              s.stream_holdback_tokens, s.stream_chunk_growth)
+        if s.prompt_warp_semitones:
+            decoder = PromptWarp(decoder, prompt.mel[None], self.parts.flow.cfg.mel, s.prompt_warp_semitones)
         yield from stream_audio(tokens, decoder, self.parts.vocoder)
 
     @torch.inference_mode()

@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import torch
 
+from cosy.audio import MelConfig, matching_warp, warp_mel
 from cosy.flow import FlowModel
 from cosy.vocoder.hifigan import Generator
 from cosy.vocoder.streaming import StreamingVocoder
@@ -82,6 +83,30 @@ def mel_stream(model: FlowModel, prompt_tokens: torch.Tensor, prompt_feat: torch
     if model.cfg.causal:
         return model.stream(prompt_tokens, prompt_feat, embedding, max_tokens=prompt_tokens.shape[1] + max_tokens)
     return Redecoder(model, prompt_tokens, prompt_feat, embedding, speed, None, chunk_tokens, holdback_tokens, growth)
+
+
+class PromptWarp:
+    """A `push / finish` mel decoder whose chunks are frequency-warped toward the prompt's
+    voice (`synthesis.prompt_warp_semitones`). The factor is fixed on the first chunk: the
+    chunks already played cannot change."""
+
+    def __init__(self, decoder, prompt_feat: torch.Tensor, cfg: MelConfig, max_semitones: float):
+        """prompt_feat (1, n_mels, frames)."""
+        self.decoder, self.prompt_feat, self.cfg, self.max_semitones = decoder, prompt_feat, cfg, max_semitones
+        self.factor: torch.Tensor | None = None
+
+    def push(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._warped(self.decoder.push(tokens))
+
+    def finish(self) -> torch.Tensor:
+        return self._warped(self.decoder.finish())
+
+    def _warped(self, mel: torch.Tensor) -> torch.Tensor:
+        if not mel.shape[2]:
+            return mel
+        if self.factor is None:
+            self.factor = mel.new_tensor([matching_warp(mel[0], self.prompt_feat[0], self.cfg, self.max_semitones)])
+        return warp_mel(mel, self.factor, self.cfg)
 
 
 def stream_audio(tokens: Iterable[int], decoder, vocoder: Generator) -> Iterator[np.ndarray]:
