@@ -77,5 +77,5 @@ if [ "$stop_stage" -ge 1 ]; then
   first=$(( stage > 1 ? stage : 1 ))
   "$recipe/../mini/run.sh" --stage "$first" --stop_stage "$stop_stage" --size v1 --conf "$recipe/conf" \
     --data "$dir/data" --dir "$dir" --ngpu "$ngpu" --nj "$nj" --bpe_size "$bpe_size" \
-    --speaker_model "$speaker_model"
+    --speaker_model "$speaker_model" --prompt_warp 0  # the warp was measured on the mini corpus only
 fi

@@ -28,9 +28,11 @@ average_num=5        # checkpoints averaged (the best by validation loss)
 bpe_size=""          # text tokenizer vocabulary (default from --size)
 mos=true             # false: skip DNSMOS in stage 9
 parallel_train=""    # true: stage 5 trains its three models side by side (default: true on CPU, false with --ngpu)
+prompt_warp=4        # synthesis.prompt_warp_semitones of the packed model dirs (0: off); RESULTS.md,
+                     # "The output warped toward the prompt's voice"
 
 usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --stage --stop_stage --size --dir --nj --ngpu" \
-  "--conf --data --speaker_model --seed --average_num --bpe_size --mos --parallel_train"; }
+  "--conf --data --speaker_model --seed --average_num --bpe_size --mos --parallel_train --prompt_warp"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -42,7 +44,7 @@ while [ $# -gt 0 ]; do
   esac
   name="${name#--}"; name="${name//-/_}"
   case "$name" in
-    stage|stop_stage|size|dir|conf|data|nj|ngpu|speaker_model|seed|average_num|bpe_size|mos|parallel_train) printf -v "$name" '%s' "$value" ;;
+    stage|stop_stage|size|dir|conf|data|nj|ngpu|speaker_model|seed|average_num|bpe_size|mos|parallel_train|prompt_warp) printf -v "$name" '%s' "$value" ;;
     *) echo "$0: unknown option --$name (see --help)" >&2; exit 1 ;;
   esac
 done
@@ -70,6 +72,10 @@ case "$parallel_train" in
 esac
 if [ "$parallel_train" = true ] && [ "$ngpu" -gt 0 ]; then
   echo "$0: --parallel_train true is for CPU training; with --ngpu each model uses every GPU in turn" >&2
+  exit 1
+fi
+if ! [[ "$prompt_warp" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
+  echo "$0: --prompt_warp must be a number of semitones (0: off), got '$prompt_warp'" >&2
   exit 1
 fi
 recipe=$(cd "$(dirname "$0")" && pwd)
@@ -229,7 +235,8 @@ if run_stage 7; then
   fi
   rm -rf "$dir/model"
   cosy pack --tokenizer "$exp/tokenizer/tokenizer.onnx" --speaker "$speaker_onnx" --llm "$exp/llm" \
-    --flow "$exp/flow" --vocoder "$exp/vocoder" --text-tokenizer "$text_tokenizer" --out "$dir/model"
+    --flow "$exp/flow" --vocoder "$exp/vocoder" --text-tokenizer "$text_tokenizer" --out "$dir/model" \
+    --synthesis "prompt_warp_semitones=$prompt_warp"
   end 7 pack
 fi
 
@@ -281,7 +288,7 @@ if run_stage 10; then
   rm -rf "$dir/model_half" "$dir/voices"
   cosy pack --tokenizer "$dir/model/tokenizer/model.onnx" --speaker "$dir/model/speaker/model.onnx" \
     --llm "$exp/llm" --flow "$exp/flow" --vocoder "$exp/vocoder" --text-tokenizer "$text_tokenizer" \
-    --out "$dir/model_half" --half
+    --out "$dir/model_half" --half --synthesis "prompt_warp_semitones=$prompt_warp"
   cosy data zeroshot "$voices" "$dir/voices"
   cosy synthesize --model-dir "$dir/model_half" --manifest "$dir/voices/manifest.tsv" --out-dir "$dir/voices" \
     --seed 0 --device "$device"
