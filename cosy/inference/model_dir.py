@@ -351,7 +351,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="new model directory (must not exist or be empty)")
     parser.add_argument("--half", action="store_true",
                         help="store the PyTorch parts' weights as float16 (half the size; computed in float32)")
-    parser.add_argument("--synthesis", nargs="*", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--synthesis", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="synthesis: settings of the model dir (e.g. prompt_warp_semitones=4)")
 
 

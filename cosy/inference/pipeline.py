@@ -301,7 +301,7 @@ class CosyTTS:
                 continue
             target = torch.tensor([tokens], dtype=torch.long, device=self.device)
             mel = flow.inference(target, prompt.tokens[None], prompt.mel[None], prompt.embedding[None], speed)
-            if max_warp:
+            if max_warp and mel.shape[2]:
                 factor = matching_warp(mel[0], prompt.mel, flow.cfg.mel, max_warp)
                 mel = warp_mel(mel, mel.new_tensor([factor]), flow.cfg.mel)
             mels.append(mel[0])
