@@ -233,7 +233,8 @@ def matching_warp(mel: torch.Tensor, reference: torch.Tensor, cfg: MelConfig, ma
                   step_semitones: float = 0.1) -> float:
     """The `warp_mel` factor, at most `max_semitones` either way, that brings the long-term
     spectrum of `mel` `(n_mels, frames)` nearest (squared error) to that of `reference`
-    `(n_mels, frames')`: a vocal-tract-length match of two recordings' voices.
+    `(n_mels, frames')`: a vocal-tract-length match of two recordings' voices. A best
+    factor at the limit means no warp within reach explains the difference: then 1.
 
     Between two recordings of one sox-pitched voice it finds 0 +- 0.4 semitones, between
     two sox pitches of one voice their difference (recipes/mini/RESULTS.md)."""
@@ -244,7 +245,8 @@ def matching_warp(mel: torch.Tensor, reference: torch.Tensor, cfg: MelConfig, ma
     candidates = warp_mel(shape[None, :, None].expand(len(factors), -1, 1), factors, cfg)[:, :, 0]
     candidates = candidates - candidates.mean(1, keepdim=True)
     error = (candidates - long_term_spectrum(reference.float())[None]).pow(2).mean(1)
-    return float(factors[error.argmin()])
+    best = int(error.argmin())
+    return 1.0 if best in (0, len(factors) - 1) else float(factors[best])
 
 
 def mel_spectrogram(wave: torch.Tensor, cfg: MelConfig, lengths: torch.Tensor | None = None) -> torch.Tensor:

@@ -135,6 +135,9 @@ def test_matching_warp_finds_the_semitones_between_two_pitches_of_a_voice() -> N
     assert abs(12 * math.log2(matching_warp(high, low, cfg, 4.0)) + 3) <= 0.3
     assert abs(12 * math.log2(matching_warp(low, high, cfg, 4.0)) - 3) <= 0.3
     assert abs(12 * math.log2(matching_warp(high, low, cfg, 1.0))) <= 1 + 1e-4  # never beyond the limit
+    six_up = warp_mel(low[None], torch.tensor([2 ** 0.5]), cfg)[0]
+    assert abs(12 * math.log2(matching_warp(low, six_up, cfg, 8.0)) - 6) <= 0.1
+    assert matching_warp(low, six_up, cfg, 5.9) == 1.0  # the best factor at the limit: out of reach, no warp
 
 
 # ---------------------------------------------------------------- Whisper log-mel
