@@ -224,6 +224,8 @@ def long_term_spectrum(mel: torch.Tensor, loud_share: float = 0.7) -> torch.Tens
     """Mean log mel `(n_mels,)` of the loudest `loud_share` of the frames of `mel`
     `(n_mels, frames)`, less its mean over bins: the spectral shape of a voice, without
     its silences or its level."""
+    if mel.shape[1] == 0:
+        raise CosyError("long_term_spectrum: the mel has no frames")
     loud = mel.mean(0).topk(max(1, int(loud_share * mel.shape[1]))).indices
     shape = mel[:, loud].mean(1)
     return shape - shape.mean()
@@ -236,7 +238,7 @@ def matching_warp(mel: torch.Tensor, reference: torch.Tensor, cfg: MelConfig, ma
     `(n_mels, frames')`: a vocal-tract-length match of two recordings' voices. A best
     factor at the limit means no warp within reach explains the difference: then 1.
 
-    Between two recordings of one sox-pitched voice it finds 0 +- 0.4 semitones, between
+    Between two recordings of one sox-pitched voice it finds 0 +- 0.5 semitones, between
     two sox pitches of one voice their difference (recipes/mini/RESULTS.md)."""
     steps = int(round(max_semitones / step_semitones))
     semitones = torch.arange(-steps, steps + 1, device=mel.device, dtype=torch.float32) * step_semitones

@@ -167,7 +167,10 @@ def test_pack_cli_errors(system, tmp_path, capsys):
     assert "speed" in capsys.readouterr().err
     assert cli("pack", *args, "--text-tokenizer", system["tokenizer"], "--out", tmp_path / "m",
                "--synthesis", "prompt_warp_semitones=-1") == 1
-    assert "synthesis.prompt_warp_semitones must be in [0, 12], got -1" in capsys.readouterr().err
+    assert "synthesis.prompt_warp_semitones must be 0 or in [0.2, 12], got -1" in capsys.readouterr().err
+    assert cli("pack", *args, "--text-tokenizer", system["tokenizer"], "--out", tmp_path / "m",
+               "--synthesis", "prompt_warp_semitones") == 1
+    assert "--synthesis prompt_warp_semitones: expected KEY=VALUE" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
     assert cli("pack", *args, "--text-tokenizer", system["tokenizer"], "--out", tmp_path / "m",
                "--synthesis", "prompt_warp_semitones=4", "batch_size=2") == 0
@@ -221,8 +224,14 @@ def test_prompt_warp_reaches_the_vocoder_offline_and_streaming(system, monkeypat
     assert estimates == [3.0]
     torch.testing.assert_close(vocoded[0], warp_mel(decoded[0], torch.tensor([1.1]), flow.cfg.mel))
     estimates.clear()
+    warped, pushed = [], []
+    monkeypatch.setattr(streaming, "warp_mel", lambda mel, f, cfg: warped.append(warp_mel(mel, f, cfg)) or warped[-1])
+    push = streaming.StreamingVocoder.push
+    monkeypatch.setattr(streaming.StreamingVocoder, "push", lambda self, mel: pushed.append(mel) or push(self, mel))
     list(tts.stream(TEXT, prompt, seed=0))
     assert estimates == [3.0]  # the first chunk fixes the factor for the rest
+    assert len(pushed) > 1 and len(pushed) == len(warped)
+    assert all(p is w for p, w in zip(pushed, warped))  # every chunk the vocoder gets is a warped one
     monkeypatch.setattr(tts, "settings", replace(tts.settings, prompt_warp_semitones=0.0))
     decoded.clear(), vocoded.clear(), estimates.clear()
     tts.synthesize("A short one.", prompt, seed=0)
@@ -384,7 +393,8 @@ def test_synthesis_settings_are_checked():
                                   ("batch_size", 0, "synthesis.batch_size must be >= 1"),
                                   ("lang", "fr", "synthesis.lang must be auto, en or zh, got 'fr'"),
                                   ("max_prompt_seconds", 0.5, "must be >= min_prompt_seconds"),
-                                  ("prompt_warp_semitones", 13, "must be in [0, 12]")):
+                                  ("prompt_warp_semitones", 13, "must be 0 or in [0.2, 12]"),
+                                  ("prompt_warp_semitones", 0.1, "must be 0 or in [0.2, 12]")):
         with pytest.raises(CosyError, match=re.escape(message)):
             SynthesisConfig(**{field: value}).check()
 

@@ -116,8 +116,9 @@ def test_recipe_options_are_checked(tmp_path):
     assert wide.returncode != 0 and "llm_default.yaml" in wide.stderr  # wide trains with default's configs
     bad = run_script(MINI, "--dir", tmp_path, "--parallel_train", "yes")
     assert bad.returncode != 0 and "--parallel_train" in bad.stderr
-    bad = run_script(MINI, "--dir", tmp_path, "--prompt_warp", "-1")
-    assert bad.returncode != 0 and "--prompt_warp must be a number of semitones" in bad.stderr
+    for warp in ("-1", "20", "0.1"):
+        bad = run_script(MINI, "--dir", tmp_path, "--prompt_warp", warp)
+        assert bad.returncode != 0 and "--prompt_warp must be 0 (off) or 0.2 to 12 semitones" in bad.stderr
     bad = run_script(MINI, "--dir", tmp_path, "--parallel_train", "true", "--ngpu", "1")
     assert bad.returncode != 0 and "--ngpu" in bad.stderr
     bad = run_script(MINI, "--dir", tmp_path, "--data", tmp_path, "--stage", "0")

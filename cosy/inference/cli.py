@@ -151,6 +151,7 @@ def _manifest(tts, args) -> int:
     for utt, text, wav, prompt_text in read_manifest(path):
         try:
             spoken = tts.spoken(text)
+            tts.sentences(spoken)  # the text's own error, even where its prompt is bad too
             if (wav, prompt_text) not in prompts:
                 prompts[wav, prompt_text] = tts.prompt(wav, prompt_text)
             tts.sentences(spoken, len(prompts[wav, prompt_text].text))

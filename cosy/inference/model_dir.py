@@ -47,11 +47,12 @@ class SynthesisConfig:
         once this many new tokens have come and emits the new frames except the last
         `stream_holdback_tokens` tokens' worth, which still lack right context; the chunk
         then grows by `stream_chunk_growth` (which bounds the total cost).
-    prompt_warp_semitones: 0 (off), or the most by which the flow decoder's mel is
-        frequency-warped (pitch and formants together) to match the long-term spectrum of
-        the prompt before the vocoder: a vocal-tract-length correction for voices that the
-        decoder pulls toward its training voices (`cosy.audio.matching_warp`). Streaming
-        fixes the warp on the first chunk.
+    prompt_warp_semitones: 0 (off), or the search range of a frequency warp (pitch and
+        formants together) of the flow decoder's mel that matches its long-term spectrum to
+        the prompt's, applied before the vocoder: a vocal-tract-length correction for voices
+        that the decoder pulls toward its training voices (`cosy.audio.matching_warp`; a
+        best factor at the range's limit gives no warp). Streaming fixes the warp on the
+        first chunk.
     """
 
     lang: str = "auto"
@@ -74,7 +75,9 @@ class SynthesisConfig:
                  ("stream_chunk_tokens", self.stream_chunk_tokens >= 1, ">= 1"),
                  ("stream_holdback_tokens", self.stream_holdback_tokens >= 0, ">= 0"),
                  ("stream_chunk_growth", self.stream_chunk_growth >= 1, ">= 1"),
-                 ("prompt_warp_semitones", 0 <= self.prompt_warp_semitones <= 12, "in [0, 12]")]
+                 # the search steps by 0.1 and a factor at its limit gives none: less than 0.2 would do nothing
+                 ("prompt_warp_semitones", self.prompt_warp_semitones == 0 or 0.2 <= self.prompt_warp_semitones <= 12,
+                  "0 or in [0.2, 12]")]
         for name, ok, rule in rules:
             if not ok:
                 raise CosyError(f"synthesis.{name} must be {rule}, got {getattr(self, name)!r}")
@@ -356,6 +359,9 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    bad = [item for item in args.synthesis if "=" not in item]
+    if bad:
+        raise CosyError(f"--synthesis {bad[0]}: expected KEY=VALUE, e.g. prompt_warp_semitones=4")
     overrides = [f"synthesis.{item}" for item in args.synthesis]
     synthesis = cfgio.from_dict(SynthesisConfig, cfgio.apply_overrides({}, overrides).get("synthesis", {}),
                                 "synthesis")

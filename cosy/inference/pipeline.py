@@ -222,7 +222,7 @@ class CosyTTS:
 
     # --------------------------------------------------------------- synthesis
 
-    def synthesize(self, text: str, prompt_wav: AudioSource, prompt_text: str | None = None,
+    def synthesize(self, text: str | SpokenText, prompt_wav: AudioSource, prompt_text: str | None = None,
                    speed: float = 1.0, seed: int | None = None) -> tuple[np.ndarray, int]:
         """Speak `text` in the voice of `prompt_wav` -> (float32 waveform, sample rate)."""
         waves = self.synthesize_batch([text], prompt_wav, prompt_text, speed, seed)
@@ -254,7 +254,8 @@ class CosyTTS:
 
         rows = []  # (text index, sentence ids, prompt)
         for index, (text, wav, ptext) in enumerate(zip(texts, wavs, prompt_texts)):
-            spoken = self.spoken(text)  # a bad text fails before its prompt is analysed
+            spoken = self.spoken(text)
+            self.sentences(spoken)  # a bad text fails before its prompt is analysed
             prompt = prompt_for(wav, ptext)
             rows += [(index, ids, prompt) for ids in self.sentences(spoken, len(prompt.text))]
         pieces: list[list[np.ndarray]] = [[] for _ in texts]
@@ -291,8 +292,9 @@ class CosyTTS:
 
     @torch.inference_mode()
     def render(self, items: list[tuple[list[int], Prompt]], speed: float = 1.0) -> list[np.ndarray]:
-        """(speech tokens, prompt) pairs -> waveforms: the flow decodes each one, the
-        vocoder all of them as one padded batch."""
+        """(speech tokens, prompt) pairs -> waveforms: the flow decodes each one (and warps
+        it toward its prompt's voice, `synthesis.prompt_warp_semitones`), the vocoder all of
+        them as one padded batch."""
         flow, max_warp = self.parts.flow, self.settings.prompt_warp_semitones
         mels = []
         for tokens, prompt in items:
@@ -328,7 +330,8 @@ class CosyTTS:
         raises here, before the first chunk is asked for. The prompt may be a `Prompt`
         from `self.prompt`, as in `synthesize_batch`."""
         self._check_speed(speed)
-        spoken = self.spoken(text)  # a bad text fails before the prompt is analysed
+        spoken = self.spoken(text)
+        self.sentences(spoken)  # a bad text fails before the prompt is analysed
         prompt = prompt_wav if isinstance(prompt_wav, Prompt) else self.prompt(prompt_wav, prompt_text)
         return self._stream(self.sentences(spoken, len(prompt.text)), prompt, speed, seed)
 

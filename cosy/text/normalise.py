@@ -101,11 +101,12 @@ _EN_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 _EN_SCALES = ((10**12, "trillion"), (10**9, "billion"), (10**6, "million"), (1000, "thousand"))
 _EN_CURRENCY = {"$": ("dollar", "dollars", "cent", "cents"), "€": ("euro", "euros", "cent", "cents"),
                 "£": ("pound", "pounds", "penny", "pence"), "¥": ("yuan", "yuan", "fen", "fen")}
-_EN_ORDINAL = re.compile(r"\b(\d+)(?:st|nd|rd|th)\b")
+_EN_ORDINAL = re.compile(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+|\d+)(?:st|nd|rd|th)\b")
 _EN_ORDINAL_ENDINGS = {"one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
                        "nine": "ninth", "twelve": "twelfth"}
-_EN_TIME = re.compile(r"\b([01]?\d|2[0-3]):([0-5]\d)\b")
-_EN_MINUS = re.compile(r"(?<![\w.,])-(?=\d)")  # "-5", not "3-5" or "pre-2000"
+# "10:05", "5:30pm"; not a ratio ("1:50,000") or hours:minutes:seconds
+_EN_TIME = re.compile(r"(?<![\d:])([01]?\d|2[0-3]):([0-5]\d)(?!\d|[:,]\d)(?:\s?([aApP])\.?[mM]\b(?:\.(?=,|\s+[a-z]))?)?")
+_EN_MINUS = re.compile(r"(?<![\w.,$€£¥])-(?=\d)")  # "-5", not "3-5", "pre-2000" or "$-5"
 _ZH_DIGITS = "零一二三四五六七八九"
 _ZH_CURRENCY = {"$": "美元", "€": "欧元", "£": "英镑", "¥": "元"}
 
@@ -115,9 +116,9 @@ def fallback_normalise(text: str, lang: str = "en") -> str:
     English, common abbreviations)."""
     if lang == "en":
         text = _EN_ABBREVIATION.sub(lambda m: _EN_ABBREVIATIONS[m.group(0)], text)
-        text = _EN_ORDINAL.sub(lambda m: english_ordinal(int(m.group(1))), text)
-        text = _EN_TIME.sub(_en_time, text)
         text = _EN_MINUS.sub("minus ", text)
+        text = _EN_ORDINAL.sub(lambda m: english_ordinal(int(m.group(1).replace(",", ""))), text)
+        text = _EN_TIME.sub(_en_time, text)
         text = _NUMBER.sub(lambda m: _padded(m, _en_number(m)), text)
         text = _SPACE_BEFORE_PUNCT.sub("", text)
     else:
@@ -164,8 +165,11 @@ def english_ordinal(n: int) -> str:
 
 
 def _en_time(match: re.Match) -> str:
-    """"10:05" -> "ten oh five", "10:00" -> "ten o'clock"."""
-    hours, minutes = english_integer(int(match.group(1))), int(match.group(2))
+    """"10:05" -> "ten oh five", "10:00" -> "ten o'clock", "5:30pm" -> "five thirty p m"."""
+    hours, minutes, half = english_integer(int(match.group(1))), int(match.group(2)), match.group(3)
+    if half:
+        spoken = hours if minutes == 0 else f"{hours} {'oh ' if minutes < 10 else ''}{english_integer(minutes)}"
+        return f"{spoken} {half.lower()} m"
     if minutes == 0:
         return f"{hours} o'clock"
     return f"{hours} {'oh ' if minutes < 10 else ''}{english_integer(minutes)}"

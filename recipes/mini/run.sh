@@ -74,8 +74,9 @@ if [ "$parallel_train" = true ] && [ "$ngpu" -gt 0 ]; then
   echo "$0: --parallel_train true is for CPU training; with --ngpu each model uses every GPU in turn" >&2
   exit 1
 fi
-if ! [[ "$prompt_warp" =~ ^[0-9]+([.][0-9]+)?$ ]]; then
-  echo "$0: --prompt_warp must be a number of semitones (0: off), got '$prompt_warp'" >&2
+if ! [[ "$prompt_warp" =~ ^[0-9]+([.][0-9]+)?$ ]] ||
+   awk -v w="$prompt_warp" 'BEGIN { exit !(w > 12 || (w > 0 && w < 0.2)) }'; then
+  echo "$0: --prompt_warp must be 0 (off) or 0.2 to 12 semitones, got '$prompt_warp'" >&2
   exit 1
 fi
 recipe=$(cd "$(dirname "$0")" && pwd)
