@@ -98,7 +98,8 @@ def test_fallback_reads_ordinals_times_and_minus() -> None:
     assert fallback_normalise("It was -5 today, 3-5 tomorrow.", "en") == "It was minus five today, three-five tomorrow."
     assert fallback_normalise("The 1,000th at -10:30, 5:30pm.", "en") == \
         "The one thousandth at minus ten thirty, five thirty p m."
-    assert fallback_normalise("At 7:00 P.M. we go, or 6:15 a.m. Then.", "en") == "At seven p m we go, or six fifteen a m. Then."
+    assert fallback_normalise("At 7:00 P.M. we go, or 6:15 a.m. Then.", "en") == \
+        "At seven p m we go, or six fifteen a m. Then."
     assert fallback_normalise("At 1:23:45 on a 1:50,000 map", "en") == \
         "At one:twenty three:forty five on a one:fifty thousand map"  # not clock times
 

@@ -167,12 +167,11 @@ def english_ordinal(n: int) -> str:
 def _en_time(match: re.Match) -> str:
     """"10:05" -> "ten oh five", "10:00" -> "ten o'clock", "5:30pm" -> "five thirty p m"."""
     hours, minutes, half = english_integer(int(match.group(1))), int(match.group(2)), match.group(3)
-    if half:
-        spoken = hours if minutes == 0 else f"{hours} {'oh ' if minutes < 10 else ''}{english_integer(minutes)}"
-        return f"{spoken} {half.lower()} m"
     if minutes == 0:
-        return f"{hours} o'clock"
-    return f"{hours} {'oh ' if minutes < 10 else ''}{english_integer(minutes)}"
+        spoken = hours if half else f"{hours} o'clock"
+    else:
+        spoken = f"{hours} {'oh ' if minutes < 10 else ''}{english_integer(minutes)}"
+    return f"{spoken} {half.lower()} m" if half else spoken
 
 
 def _zh_number(match: re.Match) -> str:
