@@ -9,7 +9,7 @@ import pytest
 from cosy.cli import main
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
-from cosy.eval.speaker import nearest_speakers, nearest_speakers_of_means, speaker_identification
+from cosy.eval.speaker import identified_utterances, nearest_speakers, nearest_speakers_of_means
 from cosy.eval.tts import evaluate
 
 
@@ -105,11 +105,12 @@ def test_speaker_means_decide_where_single_outputs_are_ambiguous():
     reference = {"a1": unit([1, 0]), "a2": unit([1, 0]), "b1": unit([0, 1]), "b2": unit([0, 1])}
     outputs = {"a1": unit([1, 0.1]), "a2": unit([0.9, 1]), "b1": unit([1, 0.2]), "b2": unit([1, 0.3])}
     assert nearest_speakers(data, outputs, reference, {}) == {"a1": "a", "a2": "b", "b1": "a", "b2": "a"}
-    assert speaker_identification(data, outputs, reference, {}) == 0.25
+    assert identified_utterances(data, outputs, reference, {}) == {"a1": True, "a2": False, "b1": False,
+                                                                   "b2": False}
     assert nearest_speakers_of_means(data, outputs, reference) == {"a": "a", "b": "a"}
     silent = {u: np.zeros(2) for u in outputs}  # judged as no speech: resembles no one
     assert nearest_speakers_of_means(data, silent, reference) == {"a": None, "b": None}
-    assert speaker_identification(data, silent, reference, {}) == 0.0
+    assert not any(identified_utterances(data, silent, reference, {}).values())
 
 
 def test_a_speaker_without_a_third_recording_is_warned_about(caplog):

@@ -462,6 +462,61 @@ def test_eval_vocoder_speaker_scores(tmp_path):
     # Griffin-Lim keeps each tone's pitch: every voice survives
     kept = evaluate(DataDir.load(data), GriffinLim(MelConfig()), embedders={"pitch": pitch_judge})["summary"]
     assert kept["spk_id_pitch_vocoded"] == 1.0 and kept["sim_pitch"] > 0.99 and kept["log_mel_l1"] < 0.5
+    # by speaker, the voice that is lost shows
+    by_speaker = summary["per_speaker"]
+    assert sorted(by_speaker) == ["a", "b"] and by_speaker["a"]["utterances"] == 2
+    assert by_speaker["a"]["spk_id_pitch_vocoded"] == 0.0 and by_speaker["b"]["spk_id_pitch_vocoded"] == 1.0
+    assert by_speaker["a"]["spk_id_pitch_original"] == 1.0
+    assert by_speaker["b"]["log_mel_l1"] == pytest.approx(np.mean([per_utt[u]["log_mel_l1"] for u in ("b1", "b2")]))
+
+
+def test_eval_vocoder_scores_the_f0_predictor_and_can_drive_the_source_with_the_recording_f0(tmp_path, monkeypatch):
+    from cosy.vocoder.evaluate import GriffinLim, copy_synthesis
+
+    torch.manual_seed(0)
+    cfg = tiny_model_config("hift")
+    gen = Generator(cfg.generator, cfg.mel).eval()
+    rate, hop = cfg.mel.sample_rate, cfg.mel.hop_length
+    t = np.arange(rate) / rate
+    wave = (0.3 * np.sin(2 * np.pi * 150 * t) + 0.1 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    frames = len(mel_spectrogram(torch.from_numpy(wave)[None], cfg.mel)[0, 0])
+    truth = estimate_f0(wave, rate, hop, frames, 60.0, 600.0)
+    assert (truth > 0).mean() > 0.8
+
+    sources = []
+    make_source = gen.make_source
+    monkeypatch.setattr(gen, "make_source", lambda f0, *a, **kw: sources.append(f0.clone()) or make_source(f0, *a, **kw))
+    for scale, gpe, cents in ((1.0, 0.0, 0.0), (2.0, 1.0, 1200.0)):
+        monkeypatch.setattr(gen, "predict_f0", lambda mel, lengths=None, k=scale: torch.from_numpy(truth * k)[None])
+        _, scores = copy_synthesis(gen, wave)
+        assert scores["f0_predictor_gpe"] == gpe and scores["f0_predictor_rmse_cents"] == pytest.approx(cents, abs=1e-3)
+        assert torch.equal(sources[-1], gen.predict_f0(None))  # the predictor's f0 drives the source
+    _, scores = copy_synthesis(gen, wave, recording_f0=True)
+    assert torch.equal(sources[-1], torch.from_numpy(truth)[None])  # the recording's f0 does
+    assert scores["f0_predictor_gpe"] == 1.0 and scores["log_mel_l1"] > 0
+    # the f0 search range is the one the vocoder was trained with
+    copy_synthesis(gen, wave, (200.0, 600.0), recording_f0=True)
+    assert torch.equal(sources[-1], torch.from_numpy(estimate_f0(wave, rate, hop, frames, 200.0, 600.0))[None])
+    assert not torch.equal(sources[-1], torch.from_numpy(truth)[None])
+
+    _, plain = copy_synthesis(GriffinLim(cfg.mel), wave)
+    assert "f0_predictor_gpe" not in plain
+    with pytest.raises(CosyError, match="HiFT"):
+        copy_synthesis(GriffinLim(cfg.mel), wave, recording_f0=True)
+
+
+def test_cli_eval_vocoder_refuses_griffin_lim_with_the_recording_f0(tmp_path, capsys):
+    from cosy.cli import main
+
+    ckpt = _experiment(tmp_path) / "step_1.safetensors"
+    data = tmp_path / "data"
+    data.mkdir()
+    sf.write(data / "a.wav", np.zeros(8000, dtype=np.float32), 16000)
+    (data / "wav.scp").write_text("a a.wav\n")
+    (data / "text").write_text("a hello\n")
+    (data / "utt2spk").write_text("a s\n")
+    assert main(["eval", "vocoder", "--data", str(data), "--vocoder", str(ckpt), "--griffin-lim", "--recording-f0"]) == 1
+    assert "--griffin-lim and --recording-f0" in capsys.readouterr().err
 
 
 def test_pitch_errors():

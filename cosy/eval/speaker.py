@@ -113,9 +113,7 @@ def nearest_speakers_of_means(data: DataDir, embeddings: dict[str, np.ndarray],
             for spk, mean in means.items()}
 
 
-def speaker_identification(data: DataDir, embeddings: dict[str, np.ndarray],
-                           reference: dict[str, np.ndarray], exclude: dict[str, str]) -> float:
-    """Share of utterances whose vector is closest to their own speaker's centroid
-    (`nearest_speakers`)."""
-    nearest = nearest_speakers(data, embeddings, reference, exclude)
-    return float(np.mean([spk == data.utt2spk[utt] for utt, spk in nearest.items()]))
+def identified_utterances(data: DataDir, embeddings: dict[str, np.ndarray], reference: dict[str, np.ndarray],
+                          exclude: dict[str, str]) -> dict[str, bool]:
+    """utt -> whether its vector is closest to its own speaker's centroid (`nearest_speakers`)."""
+    return {utt: spk == data.utt2spk[utt] for utt, spk in nearest_speakers(data, embeddings, reference, exclude).items()}

@@ -39,7 +39,8 @@ from cosy.errors import CosyError
 from cosy.eval.asr import load_recogniser, recogniser_name, word_error_rate
 from cosy.eval.mos import dnsmos
 from cosy.eval.report import report_prefix, write_report
-from cosy.eval.speaker import nearest_speakers, nearest_speakers_of_means, speaker_embedders, speaker_judge_names
+from cosy.eval.speaker import (identified_utterances, nearest_speakers_of_means, speaker_embedders,
+                               speaker_judge_names)
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +160,7 @@ def score_system(utts: list[str], judged: dict[str, Judged], data: DataDir, prom
         vectors = {u: judged[u].vectors.get(name, nobody[name]) for u in utts}
         similarity = {u: float(vectors[u] @ reference[name][prompts[u]])
                       for u in utts if prompts.get(u) in reference[name]}
-        identified = {u: spk == data.utt2spk[u]
-                      for u, spk in nearest_speakers(data, vectors, reference[name], prompts).items()}
+        identified = identified_utterances(data, vectors, reference[name], prompts)
         closest = nearest_speakers_of_means(data, vectors, reference[name])
         if prompts:
             out[f"sim_{name}"] = _mean(similarity.values())

@@ -19,6 +19,10 @@ Each utterance is analysed into the vocoder's mel, vocoded back, and compared:
 
 `--griffin-lim` scores Griffin-Lim inversion of the same mel instead of the trained
 generator: a reference line for what the mel itself keeps (phase is lost, the voice not).
+A HiFT generator's f0 predictor is scored against the recording's f0 (gross error and RMSE,
+"f0_predictor_*"), and `--recording-f0` drives its source with that f0 instead: together
+they tell whether a lost voice is lost by the predictor's pitch or by the generator. The
+summary also holds every score by speaker, where one lost voice is not averaged away.
 Unreadable audio is reported with its utterance id and skipped.
 """
 
@@ -37,7 +41,7 @@ import torch
 from cosy.audio import MelConfig, load_audio, mel_spectrogram, save_audio
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
-from cosy.eval.speaker import embed_or_none, speaker_embedders, speaker_identification
+from cosy.eval.speaker import embed_or_none, identified_utterances, speaker_embedders
 from cosy.vocoder.f0 import estimate_f0
 from cosy.vocoder.hifigan import Generator
 from cosy.vocoder.loading import load_generator
@@ -46,18 +50,22 @@ log = logging.getLogger(__name__)
 CEPSTRA = 24
 
 
-def pitch_errors(original: np.ndarray, vocoded: np.ndarray, rate: int, hop: int) -> dict[str, float]:
-    """Gross pitch error and f0 RMSE (cents) of `vocoded` against `original` (same rate and
-    length), over the frames voiced in both; {} when there are none."""
-    frames = len(original) // hop
-    f0_a = estimate_f0(original, rate, hop, frames)
-    f0_b = estimate_f0(vocoded[:len(original)], rate, hop, frames)
-    both = (f0_a > 0) & (f0_b > 0)
+def f0_errors(reference: np.ndarray, other: np.ndarray, prefix: str = "f0") -> dict[str, float]:
+    """Gross pitch error (share off by more than 20%) and RMSE in cents of the f0 track `other`
+    against `reference` (Hz per frame, same length, 0 where unvoiced), over the frames voiced
+    in both; {} when there are none."""
+    both = (reference > 0) & (other > 0)
     if not both.any():
         return {}
-    ratio = f0_b[both] / f0_a[both]
-    return {"f0_gpe": float(np.mean(np.abs(ratio - 1) > 0.2)),
-            "f0_rmse_cents": float(np.sqrt(np.mean((1200 * np.log2(ratio)) ** 2)))}
+    ratio = other[both] / reference[both]
+    return {f"{prefix}_gpe": float(np.mean(np.abs(ratio - 1) > 0.2)),
+            f"{prefix}_rmse_cents": float(np.sqrt(np.mean((1200 * np.log2(ratio)) ** 2)))}
+
+
+def pitch_errors(original: np.ndarray, vocoded: np.ndarray, rate: int, hop: int) -> dict[str, float]:
+    """`f0_errors` of `vocoded` against `original` (same rate and length)."""
+    frames = len(original) // hop
+    return f0_errors(estimate_f0(original, rate, hop, frames), estimate_f0(vocoded[:len(original)], rate, hop, frames))
 
 
 def mel_cepstral_distortion(log_mel_a: torch.Tensor, log_mel_b: torch.Tensor, order: int = CEPSTRA) -> float:
@@ -90,23 +98,43 @@ class GriffinLim(torch.nn.Module):
 
 
 @torch.no_grad()
-def copy_synthesis(generator: Generator | GriffinLim, wave: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
-    """Vocode the mel of `wave` (at the vocoder's rate); -> (vocoded audio, scores)."""
+def copy_synthesis(generator: Generator | GriffinLim, wave: np.ndarray, f0_range: tuple[float, float] = (60.0, 600.0),
+                   recording_f0: bool = False) -> tuple[np.ndarray, dict[str, float]]:
+    """Vocode the mel of `wave` (at the vocoder's rate); -> (vocoded audio, scores).
+
+    A HiFT generator's f0 predictor is also scored on its own ("f0_predictor_*"), against the
+    f0 of `wave` searched in `f0_range` (its training targets). With `recording_f0` that
+    f0, not the predictor's, drives the sine source: what the generator loses by itself.
+    """
     mel_cfg = generator.mel
     audio = torch.from_numpy(wave)[None]
     mel = mel_spectrogram(audio, mel_cfg)
-    vocoded, _ = generator(mel)
+    scores = {}
+    if getattr(generator, "source", None) is not None:
+        target = estimate_f0(wave, mel_cfg.sample_rate, mel_cfg.hop_length, mel.shape[-1], *f0_range)
+        predicted = generator.predict_f0(mel)[0].numpy()
+        voiced = predicted > generator.source.cfg.voiced_threshold
+        scores.update(f0_errors(target, np.where(voiced, predicted, 0.0), "f0_predictor"))
+        if recording_f0:
+            vocoded = generator.decode(mel, generator.make_source(torch.from_numpy(target)[None]))
+    elif recording_f0:
+        raise CosyError("driving the source with the recording's f0 needs a HiFT generator (one with an f0 predictor)")
+    if not recording_f0:
+        vocoded, _ = generator(mel)
     again = mel_spectrogram(vocoded, mel_cfg)
-    scores = {"log_mel_l1": float((mel - again).abs().mean()),
-              "mcd_db": mel_cepstral_distortion(mel[0], again[0]),
-              **pitch_errors(wave, vocoded[0].numpy(), mel_cfg.sample_rate, mel_cfg.hop_length)}
+    scores.update({"log_mel_l1": float((mel - again).abs().mean()),
+                   "mcd_db": mel_cepstral_distortion(mel[0], again[0]),
+                   **pitch_errors(wave, vocoded[0].numpy(), mel_cfg.sample_rate, mel_cfg.hop_length)})
     return vocoded[0].numpy(), scores
 
 
 def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, limit: int = 0,
-             save_dir: Path | None = None, embedders: dict | None = None) -> dict:
-    """Scores per utterance and their means; `recogniser` (cosy.eval.asr.Recogniser) adds WER,
-    `embedders` (name -> (samples, rate) -> unit vector, see cosy.eval.speaker) speaker scores."""
+             save_dir: Path | None = None, embedders: dict | None = None,
+             f0_range: tuple[float, float] = (60.0, 600.0), recording_f0: bool = False) -> dict:
+    """Scores per utterance, their means, and under "per_speaker" each speaker's means;
+    `recogniser` (cosy.eval.asr.Recogniser) adds WER, `embedders` (name -> (samples, rate) ->
+    unit vector, see cosy.eval.speaker) speaker scores. `f0_range` and `recording_f0` go to
+    `copy_synthesis`."""
     rate = generator.mel.sample_rate
     min_samples = generator.mel.n_fft
     per_utt, skipped, refs, hyps_vocoded, hyps_original = {}, [], [], [], []
@@ -122,7 +150,7 @@ def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, 
             log.warning("utterance %s: shorter than one mel window (%d samples); skipped", utt, min_samples)
             skipped.append(utt)
             continue
-        vocoded, scores = copy_synthesis(generator, wave)
+        vocoded, scores = copy_synthesis(generator, wave, f0_range, recording_f0)
         per_utt[utt] = scores
         if save_dir is not None:
             save_audio(save_dir / f"{utt}.wav", vocoded, rate)
@@ -141,25 +169,45 @@ def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, 
     summary = {"utterances": len(per_utt), "skipped": skipped,
                "log_mel_l1": float(np.mean([s["log_mel_l1"] for s in per_utt.values()])),
                "mcd_db": float(np.mean([s["mcd_db"] for s in per_utt.values()]))}
-    for key in ("f0_gpe", "f0_rmse_cents"):
+    for key in ("f0_gpe", "f0_rmse_cents", "f0_predictor_gpe", "f0_predictor_rmse_cents"):
         values = [s[key] for s in per_utt.values() if key in s]
         if values:
             summary[key] = float(np.mean(values))
+    per_speaker = _per_speaker_means(data, per_utt)
     for name, (original, copied) in vectors.items():
         size = next((v.shape for v in [*original.values(), *copied.values()] if v is not None), (1,))
         original, copied = ({u: np.zeros(size, np.float32) if v is None else v for u, v in table.items()}
                             for table in (original, copied))
         scored = data.subset(sorted(original))
         summary[f"sim_{name}"] = float(np.mean([s[f"sim_{name}"] for s in per_utt.values()]))
-        summary[f"spk_id_{name}_original"] = speaker_identification(scored, original, original, {})
-        summary[f"spk_id_{name}_vocoded"] = speaker_identification(scored, copied, original, {})
+        for side, vectors in (("original", original), ("vocoded", copied)):
+            identified = identified_utterances(scored, vectors, original, {})
+            summary[f"spk_id_{name}_{side}"] = float(np.mean(list(identified.values())))
+            for spk, row in per_speaker.items():
+                row[f"spk_id_{name}_{side}"] = float(np.mean([identified[u] for u in scored.spk2utt[spk]]))
     if recogniser is not None:
         from cosy.eval.asr import word_error_rate
 
         summary["asr"] = recogniser.name
         summary["wer_vocoded"] = word_error_rate(refs, hyps_vocoded)
         summary["wer_original"] = word_error_rate(refs, hyps_original)
+    summary["per_speaker"] = per_speaker
     return {"summary": summary, "utterances": per_utt}
+
+
+def _per_speaker_means(data: DataDir, per_utt: dict[str, dict[str, float]]) -> dict[str, dict]:
+    """speaker -> number of scored utterances and the mean of each score they have: a voice
+    the vocoder loses shows here, where the means over all speakers hide it."""
+    speakers: dict[str, list[dict[str, float]]] = {}
+    for utt, scores in per_utt.items():
+        speakers.setdefault(data.utt2spk[utt], []).append(scores)
+    out = {}
+    for spk in sorted(speakers):
+        rows = speakers[spk]
+        keys = sorted({key for row in rows for key in row})
+        out[spk] = {"utterances": len(rows),
+                    **{key: float(np.mean([row[key] for row in rows if key in row])) for key in keys}}
+    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -173,13 +221,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--whisper-dir", help="with --asr: a local Whisper model dir instead of pocketsphinx")
     parser.add_argument("--griffin-lim", action="store_true",
                         help="invert the checkpoint's mel with Griffin-Lim instead of its generator (a reference)")
+    parser.add_argument("--recording-f0", action="store_true",
+                        help="drive the HiFT source with the recording's f0 instead of the f0 predictor's "
+                             "(what the generator loses by itself)")
     parser.add_argument("--speaker", action="store_true",
                         help="also score speaker similarity and identification with resemblyzer")
 
 
 def run(args: argparse.Namespace) -> int:
     data = DataDir.load(args.data)
-    generator, _ = load_generator(args.vocoder, args.config)
+    generator, cfg = load_generator(args.vocoder, args.config)
+    if args.griffin_lim and args.recording_f0:
+        raise CosyError("--griffin-lim and --recording-f0 exclude each other: Griffin-Lim has no source to drive")
     if args.griffin_lim:
         generator = GriffinLim(generator.mel)
     recogniser = None
@@ -189,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
         recogniser = load_recogniser(args.whisper_dir)
     embedders = speaker_embedders(None) if args.speaker else None
     result = evaluate(data, generator, recogniser, args.limit, Path(args.save_wavs) if args.save_wavs else None,
-                      embedders)
+                      embedders, (cfg.f0_min, cfg.f0_max), args.recording_f0)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
