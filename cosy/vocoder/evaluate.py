@@ -180,8 +180,8 @@ def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, 
                             for table in (original, copied))
         scored = data.subset(sorted(original))
         summary[f"sim_{name}"] = float(np.mean([s[f"sim_{name}"] for s in per_utt.values()]))
-        for side, vectors in (("original", original), ("vocoded", copied)):
-            identified = identified_utterances(scored, vectors, original, {})
+        for side, side_vectors in (("original", original), ("vocoded", copied)):
+            identified = identified_utterances(scored, side_vectors, original, {})
             summary[f"spk_id_{name}_{side}"] = float(np.mean(list(identified.values())))
             for spk, row in per_speaker.items():
                 row[f"spk_id_{name}_{side}"] = float(np.mean([identified[u] for u in scored.spk2utt[spk]]))
@@ -229,10 +229,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    data = DataDir.load(args.data)
-    generator, cfg = load_generator(args.vocoder, args.config)
     if args.griffin_lim and args.recording_f0:
         raise CosyError("--griffin-lim and --recording-f0 exclude each other: Griffin-Lim has no source to drive")
+    data = DataDir.load(args.data)
+    generator, cfg = load_generator(args.vocoder, args.config)
     if args.griffin_lim:
         generator = GriffinLim(generator.mel)
     recogniser = None
