@@ -110,7 +110,7 @@ def test_speaker_means_decide_where_single_outputs_are_ambiguous():
     assert nearest_speakers_of_means(data, outputs, reference) == {"a": "a", "b": "a"}
     silent = {u: np.zeros(2) for u in outputs}  # judged as no speech: resembles no one
     assert nearest_speakers_of_means(data, silent, reference) == {"a": None, "b": None}
-    assert not any(identified_utterances(data, silent, reference, {}).values())
+    assert identified_utterances(data, silent, reference, {}) == {u: False for u in outputs}
 
 
 def test_a_speaker_without_a_third_recording_is_warned_about(caplog):

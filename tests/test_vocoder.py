@@ -468,10 +468,13 @@ def test_eval_vocoder_speaker_scores(tmp_path):
     assert by_speaker["a"]["spk_id_pitch_vocoded"] == 0.0 and by_speaker["b"]["spk_id_pitch_vocoded"] == 1.0
     assert by_speaker["a"]["spk_id_pitch_original"] == 1.0
     assert by_speaker["b"]["log_mel_l1"] == pytest.approx(np.mean([per_utt[u]["log_mel_l1"] for u in ("b1", "b2")]))
+    assert by_speaker["a"]["closest_pitch_vocoded"] == "b" and by_speaker["a"]["closest_pitch_original"] == "a"
+    assert set(by_speaker["a"]) == set(by_speaker["b"]) and summary["source_f0"] == "none"
 
 
 def test_eval_vocoder_scores_the_f0_predictor_and_can_drive_the_source_with_the_recording_f0(tmp_path, monkeypatch):
-    from cosy.vocoder.evaluate import GriffinLim, copy_synthesis
+    from cosy.data.kaldi import DataDir
+    from cosy.vocoder.evaluate import GriffinLim, copy_synthesis, evaluate
 
     torch.manual_seed(0)
     cfg = tiny_model_config("hift")
@@ -486,18 +489,35 @@ def test_eval_vocoder_scores_the_f0_predictor_and_can_drive_the_source_with_the_
     sources = []
     make_source = gen.make_source
     monkeypatch.setattr(gen, "make_source", lambda f0, *a, **kw: sources.append(f0.clone()) or make_source(f0, *a, **kw))
+    predictor = lambda scale: lambda mel, lengths=None: torch.from_numpy(truth[:mel.shape[-1]] * scale)[None]  # noqa: E731
     for scale, gpe, cents in ((1.0, 0.0, 0.0), (2.0, 1.0, 1200.0)):
-        monkeypatch.setattr(gen, "predict_f0", lambda mel, lengths=None, k=scale: torch.from_numpy(truth * k)[None])
+        monkeypatch.setattr(gen, "predict_f0", predictor(scale))
         _, scores = copy_synthesis(gen, wave)
         assert scores["f0_predictor_gpe"] == gpe and scores["f0_predictor_rmse_cents"] == pytest.approx(cents, abs=1e-3)
-        assert torch.equal(sources[-1], gen.predict_f0(None))  # the predictor's f0 drives the source
+        assert torch.equal(sources[-1], torch.from_numpy(truth * scale)[None])  # the predictor's f0 drives the source
     _, scores = copy_synthesis(gen, wave, recording_f0=True)
     assert torch.equal(sources[-1], torch.from_numpy(truth)[None])  # the recording's f0 does
-    assert scores["f0_predictor_gpe"] == 1.0 and scores["log_mel_l1"] > 0
+    assert scores["f0_predictor_gpe"] == 1.0  # still the predictor's own score (one octave up)
     # the f0 search range is the one the vocoder was trained with
     copy_synthesis(gen, wave, (200.0, 600.0), recording_f0=True)
     assert torch.equal(sources[-1], torch.from_numpy(estimate_f0(wave, rate, hop, frames, 200.0, 600.0))[None])
     assert not torch.equal(sources[-1], torch.from_numpy(truth)[None])
+
+    # through evaluate: overall and by speaker, and the summary says which f0 drove the source
+    data = tmp_path / "data"
+    data.mkdir()
+    sf.write(data / "a.wav", wave, rate)
+    sf.write(data / "b.wav", wave[: rate // 2], rate)
+    (data / "wav.scp").write_text("a a.wav\nb b.wav\n")
+    (data / "text").write_text("a hello\nb hello\n")
+    (data / "utt2spk").write_text("a s1\nb s2\n")
+    summary = evaluate(DataDir.load(data), gen, recording_f0=True)["summary"]
+    assert summary["source_f0"] == "recording" and summary["f0_predictor_gpe"] == 1.0
+    assert summary["per_speaker"]["s2"]["f0_predictor_gpe"] == 1.0 and summary["per_speaker"]["s2"]["utterances"] == 1
+    half = wave[: rate // 2]
+    half_frames = mel_spectrogram(torch.from_numpy(half)[None], cfg.mel).shape[-1]
+    # the last source was b's own f0 (a 150 Hz tone), not the predictor's 300 Hz
+    assert sources[-1].shape == (1, half_frames) and ((sources[-1] - 150).abs() < 5).float().mean() > 0.8
 
     _, plain = copy_synthesis(GriffinLim(cfg.mel), wave)
     assert "f0_predictor_gpe" not in plain
@@ -505,18 +525,22 @@ def test_eval_vocoder_scores_the_f0_predictor_and_can_drive_the_source_with_the_
         copy_synthesis(GriffinLim(cfg.mel), wave, recording_f0=True)
 
 
-def test_cli_eval_vocoder_refuses_griffin_lim_with_the_recording_f0(tmp_path, capsys):
+def test_cli_eval_vocoder_refuses_the_recording_f0_without_a_source(tmp_path, capsys):
     from cosy.cli import main
 
-    ckpt = _experiment(tmp_path) / "step_1.safetensors"
+    # refused before the (missing) data and checkpoint are even looked at
+    assert main(["eval", "vocoder", "--data", str(tmp_path / "none"), "--vocoder", str(tmp_path / "none.safetensors"),
+                 "--griffin-lim", "--recording-f0"]) == 1
+    assert "--griffin-lim and --recording-f0" in capsys.readouterr().err
+    ckpt = _experiment(tmp_path) / "step_1.safetensors"  # HiFi-GAN: no source to drive
     data = tmp_path / "data"
     data.mkdir()
     sf.write(data / "a.wav", np.zeros(8000, dtype=np.float32), 16000)
     (data / "wav.scp").write_text("a a.wav\n")
     (data / "text").write_text("a hello\n")
     (data / "utt2spk").write_text("a s\n")
-    assert main(["eval", "vocoder", "--data", str(data), "--vocoder", str(ckpt), "--griffin-lim", "--recording-f0"]) == 1
-    assert "--griffin-lim and --recording-f0" in capsys.readouterr().err
+    assert main(["eval", "vocoder", "--data", str(data), "--vocoder", str(ckpt), "--recording-f0"]) == 1
+    assert "needs a HiFT vocoder" in capsys.readouterr().err
 
 
 def test_pitch_errors():

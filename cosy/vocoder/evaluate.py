@@ -22,7 +22,10 @@ generator: a reference line for what the mel itself keeps (phase is lost, the vo
 A HiFT generator's f0 predictor is scored against the recording's f0 (gross error and RMSE,
 "f0_predictor_*"), and `--recording-f0` drives its source with that f0 instead: together
 they tell whether a lost voice is lost by the predictor's pitch or by the generator. The
-summary also holds every score by speaker, where one lost voice is not averaged away.
+summary also holds the copy-synthesis and speaker scores by speaker (and which speaker each
+speaker's copies resemble on average), where one lost voice is not averaged away. The f0
+predictor is scored against the f0 searched in the vocoder's training range; the output's
+pitch errors search 60-600 Hz on both sides.
 Unreadable audio is reported with its utterance id and skipped.
 """
 
@@ -41,7 +44,7 @@ import torch
 from cosy.audio import MelConfig, load_audio, mel_spectrogram, save_audio
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
-from cosy.eval.speaker import embed_or_none, identified_utterances, speaker_embedders
+from cosy.eval.speaker import embed_or_none, identified_utterances, nearest_speakers_of_means, speaker_embedders
 from cosy.vocoder.f0 import estimate_f0
 from cosy.vocoder.hifigan import Generator
 from cosy.vocoder.loading import load_generator
@@ -110,17 +113,17 @@ def copy_synthesis(generator: Generator | GriffinLim, wave: np.ndarray, f0_range
     audio = torch.from_numpy(wave)[None]
     mel = mel_spectrogram(audio, mel_cfg)
     scores = {}
-    if getattr(generator, "source", None) is not None:
-        target = estimate_f0(wave, mel_cfg.sample_rate, mel_cfg.hop_length, mel.shape[-1], *f0_range)
-        predicted = generator.predict_f0(mel)[0].numpy()
-        voiced = predicted > generator.source.cfg.voiced_threshold
-        scores.update(f0_errors(target, np.where(voiced, predicted, 0.0), "f0_predictor"))
+    if getattr(generator, "source", None) is None:
         if recording_f0:
-            vocoded = generator.decode(mel, generator.make_source(torch.from_numpy(target)[None]))
-    elif recording_f0:
-        raise CosyError("driving the source with the recording's f0 needs a HiFT generator (one with an f0 predictor)")
-    if not recording_f0:
+            raise CosyError("driving the source with the recording's f0 needs a HiFT generator (one with an f0 predictor)")
         vocoded, _ = generator(mel)
+    else:
+        target = torch.from_numpy(estimate_f0(wave, mel_cfg.sample_rate, mel_cfg.hop_length, mel.shape[-1], *f0_range))
+        predicted = generator.predict_f0(mel)[0]
+        voiced = predicted > generator.source.cfg.voiced_threshold
+        scores.update(f0_errors(target.numpy(), torch.where(voiced, predicted, 0.0).numpy(), "f0_predictor"))
+        f0 = target if recording_f0 else predicted
+        vocoded = generator.decode(mel, generator.make_source(f0[None]))
     again = mel_spectrogram(vocoded, mel_cfg)
     scores.update({"log_mel_l1": float((mel - again).abs().mean()),
                    "mcd_db": mel_cepstral_distortion(mel[0], again[0]),
@@ -166,25 +169,24 @@ def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, 
             hyps_original.append(recogniser.transcribe(wave, rate))
     if not per_utt:
         raise CosyError(f"data dir {data.path}: no utterance could be scored")
-    summary = {"utterances": len(per_utt), "skipped": skipped,
-               "log_mel_l1": float(np.mean([s["log_mel_l1"] for s in per_utt.values()])),
-               "mcd_db": float(np.mean([s["mcd_db"] for s in per_utt.values()]))}
-    for key in ("f0_gpe", "f0_rmse_cents", "f0_predictor_gpe", "f0_predictor_rmse_cents"):
-        values = [s[key] for s in per_utt.values() if key in s]
-        if values:
-            summary[key] = float(np.mean(values))
-    per_speaker = _per_speaker_means(data, per_utt)
+    source_f0 = "none" if getattr(generator, "source", None) is None else "recording" if recording_f0 else "predicted"
+    keys = sorted({key for scores in per_utt.values() for key in scores})
+    summary = {"utterances": len(per_utt), "skipped": skipped, "source_f0": source_f0,
+               **_means(list(per_utt.values()), keys)}
+    scored_data = data.subset(sorted(per_utt))
+    per_speaker = {spk: {"utterances": len(utts), **_means([per_utt[u] for u in utts], keys)}
+                   for spk, utts in sorted(scored_data.spk2utt.items())}
     for name, (original, copied) in vectors.items():
         size = next((v.shape for v in [*original.values(), *copied.values()] if v is not None), (1,))
         original, copied = ({u: np.zeros(size, np.float32) if v is None else v for u, v in table.items()}
                             for table in (original, copied))
-        scored = data.subset(sorted(original))
-        summary[f"sim_{name}"] = float(np.mean([s[f"sim_{name}"] for s in per_utt.values()]))
         for side, side_vectors in (("original", original), ("vocoded", copied)):
-            identified = identified_utterances(scored, side_vectors, original, {})
+            identified = identified_utterances(scored_data, side_vectors, original, {})
+            closest = nearest_speakers_of_means(scored_data, side_vectors, original)
             summary[f"spk_id_{name}_{side}"] = float(np.mean(list(identified.values())))
             for spk, row in per_speaker.items():
-                row[f"spk_id_{name}_{side}"] = float(np.mean([identified[u] for u in scored.spk2utt[spk]]))
+                row[f"spk_id_{name}_{side}"] = float(np.mean([identified[u] for u in scored_data.spk2utt[spk]]))
+                row[f"closest_{name}_{side}"] = closest[spk]
     if recogniser is not None:
         from cosy.eval.asr import word_error_rate
 
@@ -195,18 +197,13 @@ def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, 
     return {"summary": summary, "utterances": per_utt}
 
 
-def _per_speaker_means(data: DataDir, per_utt: dict[str, dict[str, float]]) -> dict[str, dict]:
-    """speaker -> number of scored utterances and the mean of each score they have: a voice
-    the vocoder loses shows here, where the means over all speakers hide it."""
-    speakers: dict[str, list[dict[str, float]]] = {}
-    for utt, scores in per_utt.items():
-        speakers.setdefault(data.utt2spk[utt], []).append(scores)
+def _means(rows: list[dict[str, float]], keys: list[str]) -> dict[str, float]:
+    """key -> mean over the rows that have it; NaN where none has (say, no frame voiced in both
+    sides), so that every speaker's row has the same keys."""
     out = {}
-    for spk in sorted(speakers):
-        rows = speakers[spk]
-        keys = sorted({key for row in rows for key in row})
-        out[spk] = {"utterances": len(rows),
-                    **{key: float(np.mean([row[key] for row in rows if key in row])) for key in keys}}
+    for key in keys:
+        values = [row[key] for row in rows if key in row]
+        out[key] = float(np.mean(values)) if values else float("nan")
     return out
 
 
@@ -223,7 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="invert the checkpoint's mel with Griffin-Lim instead of its generator (a reference)")
     parser.add_argument("--recording-f0", action="store_true",
                         help="drive the HiFT source with the recording's f0 instead of the f0 predictor's "
-                             "(what the generator loses by itself)")
+                             "(what the generator loses by itself; HiFT only, not with --griffin-lim)")
     parser.add_argument("--speaker", action="store_true",
                         help="also score speaker similarity and identification with resemblyzer")
 
@@ -233,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
         raise CosyError("--griffin-lim and --recording-f0 exclude each other: Griffin-Lim has no source to drive")
     data = DataDir.load(args.data)
     generator, cfg = load_generator(args.vocoder, args.config)
+    if args.recording_f0 and generator.source is None:
+        raise CosyError(f"--recording-f0 needs a HiFT vocoder (one with an f0 predictor); {args.vocoder} has none")
     if args.griffin_lim:
         generator = GriffinLim(generator.mel)
     recogniser = None
