@@ -9,6 +9,7 @@ import math
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,6 +239,56 @@ def test_prompt_warp_reaches_the_vocoder_offline_and_streaming(system, monkeypat
     assert estimates == [] and torch.equal(vocoded[0], decoded[0])
 
 
+def test_vocoder_fitted_to_the_prompt_speaks_for_it_offline_and_streaming(system, monkeypatch):
+    from dataclasses import replace
+
+    import cosy.inference.streaming as streaming
+    import cosy.vocoder.adapt as adapt
+
+    tts = system["tts"]
+    fits, streamed = [], []
+    fit = adapt.fit_to_recording
+    monkeypatch.setattr(adapt, "fit_to_recording",
+                        lambda gen, cfg, wave, steps, lr: fits.append((gen, len(wave), steps, lr)) or
+                        fit(gen, cfg, wave, steps, lr))
+    plain = tts.prompt(system["prompt"])
+    monkeypatch.setattr(tts, "settings", replace(tts.settings, vocoder_adapt_steps=3, vocoder_adapt_lr=1e-3))
+    fitted = tts.prompt(system["prompt"])
+    assert plain.vocoder is None and fits == [(tts.parts.vocoder, 3 * RATE, 3, 1e-3)]
+    assert fitted.vocoder is not None and fitted.vocoder is not tts.parts.vocoder
+    # the prompts differ only in their vocoder: same seed, same length, other samples
+    a, b = (tts.synthesize("A short one.", p, seed=0)[0] for p in (plain, fitted))
+    assert len(a) == len(b) and not np.array_equal(a, b)
+    vocoded = []
+    for name, vocoder in (("model", tts.parts.vocoder), ("fitted", fitted.vocoder)):
+        forward = vocoder.forward
+        monkeypatch.setattr(vocoder, "forward", lambda mel, *x, name=name, forward=forward, **k:
+                            vocoded.append((name, mel.shape[0])) or forward(mel, *x, **k))
+    both = tts.synthesize_batch(["A short one.", "A short one."], [plain, fitted], seed=0)
+    assert sorted(vocoded) == [("fitted", 1), ("model", 1)] and all(len(w) for w in both)
+    init = streaming.StreamingVocoder.__init__
+    monkeypatch.setattr(streaming.StreamingVocoder, "__init__",
+                        lambda self, gen, *x, **k: streamed.append(gen) or init(self, gen, *x, **k))
+    list(tts.stream("A short one.", fitted, seed=0))
+    assert streamed == [fitted.vocoder]
+    assert len(fits) == 1  # a Prompt carries its vocoder: it is not fitted again
+
+
+def test_synthesize_cli_sets_the_vocoder_adaptation(system, tmp_path, capsys, monkeypatch):
+    import cosy.vocoder.adapt as adapt
+
+    steps = []
+    fit = adapt.fit_to_recording
+    monkeypatch.setattr(adapt, "fit_to_recording",
+                        lambda gen, cfg, wave, n, lr: steps.append(n) or fit(gen, cfg, wave, n, lr))
+    common = ["--text", "A short one.", "--prompt-wav", system["prompt"], "--model-dir", system["model"],
+              "--out", tmp_path / "a.wav", "--seed", 0]
+    assert cli("synthesize", *common, "--vocoder-adapt-steps", -1) == 1
+    assert "--vocoder-adapt-steps must be at least 0, got -1" in capsys.readouterr().err
+    assert cli("synthesize", *common) == 0 and steps == []  # the model dir's setting: off
+    assert cli("synthesize", *common, "--vocoder-adapt-steps", 2) == 0 and steps == [2]
+
+
 def test_first_stream_chunk_comes_before_the_lm_finishes(system, monkeypatch):
     import cosy.llm.decode as decode
 
@@ -394,7 +445,9 @@ def test_synthesis_settings_are_checked():
                                   ("lang", "fr", "synthesis.lang must be auto, en or zh, got 'fr'"),
                                   ("max_prompt_seconds", 0.5, "must be >= min_prompt_seconds"),
                                   ("prompt_warp_semitones", 13, "must be 0 or in [0.2, 12]"),
-                                  ("prompt_warp_semitones", 0.1, "must be 0 or in [0.2, 12]")):
+                                  ("prompt_warp_semitones", 0.1, "must be 0 or in [0.2, 12]"),
+                                  ("vocoder_adapt_steps", -1, "synthesis.vocoder_adapt_steps must be >= 0"),
+                                  ("vocoder_adapt_lr", 0.0, "synthesis.vocoder_adapt_lr must be > 0")):
         with pytest.raises(CosyError, match=re.escape(message)):
             SynthesisConfig(**{field: value}).check()
 
@@ -435,6 +488,27 @@ def test_text_file_and_manifest_write_one_wav_per_line(system, tmp_path, capsys)
     manifest.write_text("u1 only two\tfields\n")
     assert cli("synthesize", "--manifest", manifest, "--model-dir", system["model"], "--out-dir", tmp_path) == 1
     assert "line 1: expected utt<TAB>text<TAB>prompt_wav" in capsys.readouterr().err
+
+
+def test_manifest_analyses_each_prompt_when_its_first_line_comes(system, tmp_path, capsys, monkeypatch):
+    events = []
+    analyse, speak = CosyTTS.prompt, CosyTTS.synthesize_batch
+    monkeypatch.setattr(CosyTTS, "prompt", lambda self, wav, text=None: events.append(("prompt", Path(wav).name))
+                        or analyse(self, wav, text))
+    monkeypatch.setattr(CosyTTS, "synthesize_batch", lambda self, texts, *a: events.append(("speak", len(texts)))
+                        or speak(self, texts, *a))
+    shutil.copy(system["prompt"], tmp_path / "a.wav")
+    shutil.copy(system["prompt"], tmp_path / "b.wav")
+    (tmp_path / "short.wav").write_bytes(b"RIFF broken")
+    manifest = tmp_path / "list.tsv"
+    manifest.write_text("u1\tOne.\ta.wav\nu2\tTwo.\tshort.wav\nu3\t... !\ta.wav\nu4\tFour.\tb.wav\n"
+                        "u5\tFive.\ta.wav\n")
+    assert cli("synthesize", "--manifest", manifest, "--model-dir", system["model"], "--out-dir", tmp_path / "m",
+               "--batch-size", 1) == 0
+    assert events == [("prompt", "a.wav"), ("speak", 1), ("prompt", "short.wav"), ("prompt", "b.wav"),
+                      ("speak", 1), ("speak", 1)]  # a.wav is kept for u5, not analysed again
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["u1.wav", "u4.wav", "u5.wav"]
+    assert "skipped 2: u2, u3" in capsys.readouterr().out  # in the manifest's order
 
 
 def test_each_text_is_normalised_once(system, tmp_path, monkeypatch):

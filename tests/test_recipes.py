@@ -119,6 +119,9 @@ def test_recipe_options_are_checked(tmp_path):
     for warp in ("-1", "20", "0.1"):
         bad = run_script(MINI, "--dir", tmp_path, "--prompt_warp", warp)
         assert bad.returncode != 0 and "--prompt_warp must be 0 (off) or 0.2 to 12 semitones" in bad.stderr
+    for steps in ("-1", "2.5", "x"):
+        bad = run_script(MINI, "--dir", tmp_path, "--vocoder_adapt", steps)
+        assert bad.returncode != 0 and "--vocoder_adapt must be a number of steps (0: off)" in bad.stderr
     bad = run_script(MINI, "--dir", tmp_path, "--parallel_train", "true", "--ngpu", "1")
     assert bad.returncode != 0 and "--ngpu" in bad.stderr
     bad = run_script(MINI, "--dir", tmp_path, "--data", tmp_path, "--stage", "0")

@@ -21,7 +21,7 @@ from cosy.vocoder.discriminators import DiscriminatorConfig
 from cosy.vocoder.f0 import estimate_f0
 from cosy.vocoder.hifigan import Generator, GeneratorConfig
 from cosy.vocoder.hift import SourceConfig
-from cosy.vocoder.model import VocoderConfig, VocoderModel
+from cosy.vocoder.model import VocoderConfig, VocoderModel, reconstruction_loss
 from cosy.vocoder.streaming import StreamingVocoder
 from cosy.vocoder.task import TASK
 
@@ -543,6 +543,36 @@ def test_cli_eval_vocoder_refuses_the_recording_f0_without_a_source(tmp_path, ca
     assert "needs a HiFT vocoder" in capsys.readouterr().err
 
 
+def test_eval_vocoder_fits_the_vocoder_to_each_speakers_first_readable_recording(tmp_path, capsys):
+    from cosy.cli import main
+
+    ckpt = _experiment(tmp_path) / "step_1.safetensors"
+    data = tmp_path / "data"
+    data.mkdir()
+    t = np.arange(12000) / 16000
+    for i, (utt, f) in enumerate((("b", 150), ("c", 220), ("d", 230), ("e", 160))):
+        sf.write(data / f"{utt}.wav", 0.3 * np.sin(2 * np.pi * f * t) + 0.1 * np.sin(4 * np.pi * f * t), 16000)
+    (data / "a.wav").write_bytes(b"RIFF broken")
+    (data / "wav.scp").write_text("".join(f"{u} {u}.wav\n" for u in "abcde"))
+    (data / "text").write_text("".join(f"{u} hello\n" for u in "abcde"))
+    (data / "utt2spk").write_text("a s1\nb s1\nc s2\nd s2\ne s1\n")
+    runs = {}
+    for name, extra in (("plain", []), ("fitted", ["--adapt-steps", "3", "--adapt-lr", "2e-3"])):
+        assert main(["eval", "vocoder", "--data", str(data), "--vocoder", str(ckpt), "--out",
+                     str(tmp_path / f"{name}.json"), *extra]) == 0
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    fitted = runs["fitted"]
+    assert fitted["summary"]["fitted_on"] == {"s1": "b", "s2": "c"}  # a is unreadable
+    assert set(fitted["utterances"]) == {"d", "e"} and fitted["summary"]["skipped"] == ["a"]
+    assert "fitted_on" not in runs["plain"]["summary"] and set(runs["plain"]["utterances"]) == set("bcde")
+    for utt in "de":  # the fitted copies, not the checkpoint, vocoded them
+        assert fitted["utterances"][utt]["log_mel_l1"] != runs["plain"]["utterances"][utt]["log_mel_l1"]
+    for extra, message in ((["--griffin-lim", "--adapt-steps", "2"], "--griffin-lim and --adapt-steps"),
+                           (["--adapt-steps", "-1"], "--adapt-steps must be >= 0")):
+        assert main(["eval", "vocoder", "--data", str(data), "--vocoder", str(ckpt), *extra]) == 1
+        assert message in capsys.readouterr().err
+
+
 def test_pitch_errors():
     from cosy.vocoder.evaluate import pitch_errors
 
@@ -564,3 +594,43 @@ def test_mel_cepstral_distortion():
     shifted = mel + 1.0  # a constant offset lives in c0 only, which MCD leaves out
     assert mel_cepstral_distortion(mel, shifted) < 1e-4
     assert mel_cepstral_distortion(mel, torch.randn(80, 30)) > 1.0
+
+
+@pytest.mark.parametrize("kind", ["hifigan", "hift"])
+def test_fitting_to_a_recording_lowers_its_loss_and_leaves_the_model_alone(kind):
+    from cosy.vocoder.adapt import fit_to_recording
+
+    torch.manual_seed(0)
+    cfg = tiny_model_config(kind)
+    generator = VocoderModel(cfg).generator.eval()
+    before = {k: v.clone() for k, v in generator.state_dict().items()}
+    n = 3 * cfg.mel.sample_rate
+    t = np.arange(n) / cfg.mel.sample_rate
+    pitch = 140 + 20 * np.sin(2 * np.pi * 0.5 * t)   # a gliding voice, unlike anything it has seen
+    phase = 2 * np.pi * np.cumsum(pitch) / cfg.mel.sample_rate
+    wave = (0.4 * np.sin(phase) + 0.2 * np.sin(2 * phase) + 0.1 * np.sin(3 * phase)).astype(np.float32)
+    audio = torch.from_numpy(wave[:len(wave) // cfg.mel.hop_length * cfg.mel.hop_length])[None]
+    mel = mel_spectrogram(audio, cfg.mel)
+    f0 = torch.from_numpy(estimate_f0(audio[0].numpy(), cfg.mel.sample_rate, cfg.mel.hop_length, mel.shape[2]))[None]
+    batch = {"audio": audio, "mel": mel, "f0": f0}
+
+    def loss(gen):
+        with torch.no_grad():
+            fake, predicted = gen(mel, stochastic=False) if gen.source is not None else gen(mel)
+            return reconstruction_loss(cfg, fake, predicted, batch)[1]
+
+    fitted = fit_to_recording(generator, cfg, wave, steps=40, lr=2e-3, batch_size=4)
+    start, end = loss(generator), loss(fitted)
+    print(kind, {k: (round(float(start[k]), 3), round(float(end[k]), 3)) for k in start})
+    assert float(end["mel"]) < 0.8 * float(start["mel"])
+    if kind == "hift":
+        assert float(end["f0"]) < 0.8 * float(start["f0"])
+    assert all(torch.equal(v, generator.state_dict()[k]) for k, v in before.items())
+    assert not fitted.training
+    again = fit_to_recording(generator, cfg, wave, steps=3, lr=2e-3, batch_size=4, seed=5)
+    same = fit_to_recording(generator, cfg, wave, steps=3, lr=2e-3, batch_size=4, seed=5)
+    assert all(torch.equal(v, same.state_dict()[k]) for k, v in again.state_dict().items())
+    with pytest.raises(CosyError, match="at least 1 step"):
+        fit_to_recording(generator, cfg, wave, steps=0, lr=1e-4)
+    with pytest.raises(CosyError, match="learning rate > 0"):
+        fit_to_recording(generator, cfg, wave, steps=1, lr=0.0)

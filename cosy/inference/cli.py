@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed: the same seed gives the same samples")
     parser.add_argument("--batch-size", type=int, help="sentences decoded together (default: the model dir's)")
     parser.add_argument("--flow-steps", type=int, help="flow decoder solver steps (default: the model dir's)")
+    parser.add_argument("--vocoder-adapt-steps", type=int, metavar="N",
+                        help="fit a copy of the vocoder to each prompt in N training steps, 0: off "
+                             "(default: the model dir's synthesis.vocoder_adapt_steps)")
     parser.add_argument("--device", default="cpu")
 
 
@@ -57,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         raise CosyError(f"--flow-steps must be at least 1, got {args.flow_steps}")
     if args.batch_size is not None and args.batch_size < 1:
         raise CosyError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.vocoder_adapt_steps is not None and args.vocoder_adapt_steps < 0:
+        raise CosyError(f"--vocoder-adapt-steps must be at least 0, got {args.vocoder_adapt_steps}")
     if args.out:  # before the synthesis, not after it
         check_audio_path(args.out, "--out")
     tts = CosyTTS.from_pretrained(args.model_dir, args.device)
@@ -64,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
         tts.settings.batch_size = args.batch_size
     if args.flow_steps is not None:
         tts.set_flow_steps(args.flow_steps)
+    if args.vocoder_adapt_steps is not None:
+        tts.settings.vocoder_adapt_steps = args.vocoder_adapt_steps
     if args.text is not None:
         return _one(tts, args)
     if args.text_file:
@@ -146,29 +153,44 @@ def _manifest(tts, args) -> int:
     path = Path(args.manifest)
     if not path.is_file():
         raise CosyError(f"--manifest: file not found: {path}")
-    usable, skipped = [], []
-    prompts: dict[tuple[str, str | None], object] = {}
-    for utt, text, wav, prompt_text in read_manifest(path):
+    entries = read_manifest(path)
+    lines, skipped = [], []
+    for utt, text, wav, prompt_text in entries:
         try:
             spoken = tts.spoken(text)
             tts.sentences(spoken)  # the text's own error, even where its prompt is bad too
-            if (wav, prompt_text) not in prompts:
-                prompts[wav, prompt_text] = tts.prompt(wav, prompt_text)
-            tts.sentences(spoken, len(prompts[wav, prompt_text].text))
         except CosyError as err:
             log.warning("utterance %s: %s; skipped", utt, err)
             skipped.append(utt)
             continue
-        usable.append((utt, spoken, prompts[wav, prompt_text]))
-    size = max(1, tts.settings.batch_size)
-    for start in range(0, len(usable), size):
-        batch = usable[start:start + size]
-        waves = tts.synthesize_batch([b[1] for b in batch], [b[2] for b in batch], None, args.speed, args.seed)
-        for (utt, _, _), wave in zip(batch, waves):
-            save_audio(Path(args.out_dir) / f"{utt}.wav", wave, tts.sample_rate)
-    print(f"wrote {len(usable)} files to {args.out_dir}" + (f"; skipped {len(skipped)}: {', '.join(skipped)}"
-                                                             if skipped else ""))
-    return 1 if not usable else 0
+        lines.append((utt, spoken, (wav, prompt_text)))
+    # prompts are analysed as their lines come and dropped after their last line: a prompt
+    # may hold a vocoder fitted to it (synthesis.vocoder_adapt_steps), too many to keep all
+    last_line = {key: n for n, (_, _, key) in enumerate(lines)}
+    prompts: dict[tuple[str, str | None], object] = {}
+    batch, written = [], 0
+    for n, (utt, spoken, key) in enumerate(lines):
+        try:
+            if key not in prompts:
+                prompts[key] = tts.prompt(*key)
+            tts.sentences(spoken, len(prompts[key].text))
+        except CosyError as err:
+            log.warning("utterance %s: %s; skipped", utt, err)
+            skipped.append(utt)
+        else:
+            batch.append((utt, spoken, prompts[key]))
+        if last_line[key] == n:
+            prompts.pop(key, None)
+        if batch and (len(batch) == max(1, tts.settings.batch_size) or n == len(lines) - 1):
+            waves = tts.synthesize_batch([b[1] for b in batch], [b[2] for b in batch], None, args.speed, args.seed)
+            for (name, _, _), wave in zip(batch, waves):
+                save_audio(Path(args.out_dir) / f"{name}.wav", wave, tts.sample_rate)
+            written, batch = written + len(batch), []
+    order = {utt: n for n, (utt, *_) in enumerate(entries)}
+    skipped.sort(key=order.get)
+    print(f"wrote {written} files to {args.out_dir}" + (f"; skipped {len(skipped)}: {', '.join(skipped)}"
+                                                         if skipped else ""))
+    return 1 if not written else 0
 
 
 def _read_lines(path: Path) -> list[str]:

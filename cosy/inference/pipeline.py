@@ -17,7 +17,7 @@ import math
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence, Union
+from typing import Any, Iterator, Sequence, Union
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ class Prompt:
     mel: torch.Tensor        # (n_mels, frames) the flow decoder's mel
     embedding: torch.Tensor  # (spk_dim,) raw speaker embedding
     text: list[int]          # transcript ids; empty: the LM gets no prompt
+    vocoder: Any = None      # the vocoder fitted to this voice (synthesis.vocoder_adapt_steps); None: the model's
 
 
 @dataclass
@@ -207,8 +208,14 @@ class CosyTTS:
         tokens, mel = align(tokens, mel, flow.cfg)
         ids = [] if text is None or not text.strip() else \
             encode_prompt_text(self.parts.text_tokenizer, text, self.settings.lang, text_vocab(self.parts.llm))
+        vocoder = None
+        if s.vocoder_adapt_steps:
+            from cosy.vocoder.adapt import fit_to_recording
+
+            vocoder = fit_to_recording(self.parts.vocoder, self.parts.vocoder_config, audio[0].numpy(),
+                                       s.vocoder_adapt_steps, s.vocoder_adapt_lr)
         return Prompt(tokens.to(self.device), mel.to(self.device),
-                      torch.as_tensor(embedding, dtype=torch.float32).to(self.device), ids)
+                      torch.as_tensor(embedding, dtype=torch.float32).to(self.device), ids, vocoder)
 
     def speech_tokens_of(self, samples: np.ndarray, rate: int) -> torch.Tensor:
         """Speech tokens (n,) long of mono audio; longer than the tokenizer's limit goes in windows."""
@@ -294,7 +301,7 @@ class CosyTTS:
     def render(self, items: list[tuple[list[int], Prompt]], speed: float = 1.0) -> list[np.ndarray]:
         """(speech tokens, prompt) pairs -> waveforms: the flow decodes each one (and warps
         it toward its prompt's voice, `synthesis.prompt_warp_semitones`), the vocoder all of
-        them as one padded batch."""
+        them as one padded batch, or one batch per prompt that has its own fitted vocoder."""
         flow, max_warp = self.parts.flow, self.settings.prompt_warp_semitones
         mels = []
         for tokens, prompt in items:
@@ -307,13 +314,16 @@ class CosyTTS:
                 factor = matching_warp(mel[0], prompt.mel, flow.cfg.mel, max_warp)
                 mel = warp_mel(mel, mel.new_tensor([factor]), flow.cfg.mel)
             mels.append(mel[0])
-        lengths = torch.tensor([m.shape[1] for m in mels], device=self.device)
-        if not int(lengths.max()):
-            return [np.zeros(0, dtype=np.float32) for _ in items]
-        batch = pad_sequence([m.T for m in mels], batch_first=True).transpose(1, 2)
-        waves, _ = self.parts.vocoder(batch, lengths)
-        hop = self.parts.vocoder.hop
-        return [waves[i, :int(n) * hop].float().cpu().numpy() for i, n in enumerate(lengths)]
+        vocoders = [self._vocoder_of(prompt) for _, prompt in items]
+        waves: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(items)
+        for vocoder in {id(v): v for v in vocoders}.values():
+            picked = [i for i, v in enumerate(vocoders) if v is vocoder]
+            for i, wave in zip(picked, _vocode(vocoder, [mels[i] for i in picked])):
+                waves[i] = wave
+        return waves
+
+    def _vocoder_of(self, prompt: Prompt):
+        return self.parts.vocoder if prompt.vocoder is None else prompt.vocoder
 
     def _join(self, pieces: list[np.ndarray]) -> np.ndarray:
         pause = np.zeros(int(self.settings.pause_seconds * self.sample_rate), dtype=np.float32)
@@ -355,7 +365,7 @@ class CosyTTS:
                              s.stream_holdback_tokens, s.stream_chunk_growth)
         if s.prompt_warp_semitones:
             decoder = PromptWarp(decoder, prompt.mel[None], self.parts.flow.cfg.mel, s.prompt_warp_semitones)
-        yield from stream_audio(tokens, decoder, self.parts.vocoder)
+        yield from stream_audio(tokens, decoder, self._vocoder_of(prompt))
 
     @torch.inference_mode()
     def convert(self, source_wav: AudioSource, prompt_wav: AudioSource, speed: float = 1.0,
@@ -383,6 +393,16 @@ class CosyTTS:
             raise CosyError(f"speed must be between 0.25 and 4, got {speed!r}")
         if speed != 1.0 and self.parts.flow.cfg.causal:
             raise CosyError("speed must be 1.0 for a causal flow model (fixed frames per token)")
+
+
+def _vocode(vocoder, mels: list[torch.Tensor]) -> list[np.ndarray]:
+    """Mels `(n_mels, frames)` -> float32 waveforms, vocoded as one padded batch."""
+    lengths = torch.tensor([m.shape[1] for m in mels], device=mels[0].device)
+    if not int(lengths.max()):
+        return [np.zeros(0, dtype=np.float32) for _ in mels]
+    batch = pad_sequence([m.T for m in mels], batch_first=True).transpose(1, 2)
+    waves, _ = vocoder(batch, lengths)
+    return [waves[i, :int(n) * vocoder.hop].float().cpu().numpy() for i, n in enumerate(lengths)]
 
 
 def _check_device(device: str) -> None:

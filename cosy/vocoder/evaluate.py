@@ -23,7 +23,11 @@ A HiFT generator's f0 predictor is scored against the recording's f0 (gross erro
 "f0_predictor_*"), and `--recording-f0` drives its source with that f0 instead: together
 they tell whether a lost voice is lost by the predictor's pitch or by the generator. The
 summary also holds the copy-synthesis and speaker scores by speaker (and which speaker each
-speaker's copies resemble on average), where one lost voice is not averaged away. The f0
+speaker's copies resemble on average), where one lost voice is not averaged away.
+`--adapt-steps N` fits the vocoder to each speaker's first readable recording first
+(`cosy.vocoder.adapt`, as `synthesis.vocoder_adapt_steps` does to a prompt) and scores
+that speaker's other recordings with the fitted copy; the fitting recordings are not
+scored ("fitted_on" in the summary names them). The f0
 predictor is scored against the f0 searched in the vocoder's training range; the output's
 pitch errors search 60-600 Hz on both sides.
 Unreadable audio is reported with its utterance id and skipped.
@@ -36,6 +40,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import scipy.fft
@@ -133,14 +138,18 @@ def copy_synthesis(generator: Generator | GriffinLim, wave: np.ndarray, f0_range
 
 def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, limit: int = 0,
              save_dir: Path | None = None, embedders: dict | None = None,
-             f0_range: tuple[float, float] = (60.0, 600.0), recording_f0: bool = False) -> dict:
+             f0_range: tuple[float, float] = (60.0, 600.0), recording_f0: bool = False,
+             fit: Callable[[np.ndarray], Generator] | None = None) -> dict:
     """Scores per utterance, their means, and under "per_speaker" each speaker's means;
     `recogniser` (cosy.eval.asr.Recogniser) adds WER, `embedders` (name -> (samples, rate) ->
     unit vector, see cosy.eval.speaker) speaker scores. `f0_range` and `recording_f0` go to
-    `copy_synthesis`."""
+    `copy_synthesis`. `fit` (a recording -> a generator fitted to it) is given each
+    speaker's first readable recording, which is then not scored; the speaker's other
+    recordings are vocoded by what it returns."""
     rate = generator.mel.sample_rate
     min_samples = generator.mel.n_fft
     per_utt, skipped, refs, hyps_vocoded, hyps_original = {}, [], [], [], []
+    fitted: dict[str, tuple[str, Generator]] = {}  # speaker -> (fitting utterance, fitted generator)
     vectors: dict[str, tuple[dict, dict]] = {}  # name -> (original, vocoded) vectors by utt
     for utt in data.utts[:limit or None]:
         try:
@@ -153,7 +162,12 @@ def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, 
             log.warning("utterance %s: shorter than one mel window (%d samples); skipped", utt, min_samples)
             skipped.append(utt)
             continue
-        vocoded, scores = copy_synthesis(generator, wave, f0_range, recording_f0)
+        speaker = data.utt2spk[utt]
+        if fit is not None and speaker not in fitted:
+            fitted[speaker] = (utt, fit(wave))
+            continue
+        vocoder = fitted[speaker][1] if fit is not None else generator
+        vocoded, scores = copy_synthesis(vocoder, wave, f0_range, recording_f0)
         per_utt[utt] = scores
         if save_dir is not None:
             save_audio(save_dir / f"{utt}.wav", vocoded, rate)
@@ -173,6 +187,8 @@ def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, 
     keys = sorted({key for scores in per_utt.values() for key in scores})
     summary = {"utterances": len(per_utt), "skipped": skipped, "source_f0": source_f0,
                **_means(list(per_utt.values()), keys)}
+    if fit is not None:
+        summary["fitted_on"] = {spk: utt for spk, (utt, _) in sorted(fitted.items())}
     scored_data = data.subset(sorted(per_utt))
     per_speaker = {spk: {"utterances": len(utts), **_means([per_utt[u] for u in utts], keys)}
                    for spk, utts in sorted(scored_data.spk2utt.items())}
@@ -223,11 +239,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(what the generator loses by itself; HiFT only, not with --griffin-lim)")
     parser.add_argument("--speaker", action="store_true",
                         help="also score speaker similarity and identification with resemblyzer")
+    parser.add_argument("--adapt-steps", type=int, default=0, metavar="N",
+                        help="fit the vocoder to each speaker's first recording in N steps and score the speaker's "
+                             "other recordings with it (as synthesis.vocoder_adapt_steps does to a prompt)")
+    parser.add_argument("--adapt-lr", type=float, default=2e-4, help="learning rate of --adapt-steps")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.griffin_lim and args.recording_f0:
         raise CosyError("--griffin-lim and --recording-f0 exclude each other: Griffin-Lim has no source to drive")
+    if args.adapt_steps < 0 or args.adapt_lr <= 0:
+        raise CosyError(f"--adapt-steps must be >= 0 and --adapt-lr > 0, got {args.adapt_steps} and {args.adapt_lr}")
+    if args.griffin_lim and args.adapt_steps:
+        raise CosyError("--griffin-lim and --adapt-steps exclude each other: Griffin-Lim has nothing to train")
     data = DataDir.load(args.data)
     generator, cfg = load_generator(args.vocoder, args.config)
     if args.recording_f0 and generator.source is None:
@@ -240,8 +264,14 @@ def run(args: argparse.Namespace) -> int:
 
         recogniser = load_recogniser(args.whisper_dir)
     embedders = speaker_embedders(None) if args.speaker else None
+    fit = None
+    if args.adapt_steps:
+        from cosy.vocoder.adapt import fit_to_recording
+
+        def fit(wave: np.ndarray) -> Generator:
+            return fit_to_recording(generator, cfg, wave, args.adapt_steps, args.adapt_lr)
     result = evaluate(data, generator, recogniser, args.limit, Path(args.save_wavs) if args.save_wavs else None,
-                      embedders, (cfg.f0_min, cfg.f0_max), args.recording_f0)
+                      embedders, (cfg.f0_min, cfg.f0_max), args.recording_f0, fit)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))

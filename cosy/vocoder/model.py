@@ -71,7 +71,6 @@ class VocoderModel(nn.Module):
         self.cfg = cfg
         self.generator = Generator(cfg.generator, cfg.mel)
         self.discriminator = Discriminator(cfg.discriminator)
-        self.loss_mel = dataclasses.replace(cfg.mel, fmax=cfg.loss_fmax or cfg.mel.sample_rate / 2)
         self._cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
 
     def forward(self, batch: dict, turn: str = "generator") -> dict[str, torch.Tensor]:
@@ -85,15 +84,9 @@ class VocoderModel(nn.Module):
         if self._cache is not None and self._cache[0] is batch["mel"] and self.training:
             _, fake, f0 = self._cache
         else:
-            fake, f0 = self._synthesise(batch)
+            fake, f0 = generate(self.generator, batch, target_f0=self.training and self.cfg.source_f0 == "target")
         self._cache = None
         return fake, f0
-
-    def _synthesise(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        gen = self.generator
-        if not (self.training and self.cfg.source_f0 == "target" and gen.source is not None):
-            return gen(batch["mel"])
-        return gen.decode(batch["mel"], gen.make_source(batch["f0"])), gen.predict_f0(batch["mel"])
 
     def _discriminator_turn(self, batch: dict) -> dict[str, torch.Tensor]:
         fake, f0 = self._generate(batch)
@@ -104,18 +97,35 @@ class VocoderModel(nn.Module):
 
     def _generator_turn(self, batch: dict, adversarial: bool = True) -> dict[str, torch.Tensor]:
         fake, f0 = self._generate(batch)
-        real = batch["audio"]
-        w = self.cfg.loss
-        mel = F.l1_loss(mel_spectrogram(fake, self.loss_mel), mel_spectrogram(real, self.loss_mel))
-        terms = {"mel": mel}
-        loss = w.mel * mel
+        loss, terms = reconstruction_loss(self.cfg, fake, f0, batch)
         if adversarial:
-            _, real_features = self.discriminator(real)
+            w = self.cfg.loss
+            _, real_features = self.discriminator(batch["audio"])
             fake_scores, fake_features = self.discriminator(fake)
             terms["adversarial"] = generator_loss(fake_scores)
             terms["feature"] = feature_matching_loss(real_features, fake_features)
             loss = loss + w.adversarial * terms["adversarial"] + w.feature * terms["feature"]
-        if f0 is not None:
-            terms["f0"] = F.l1_loss(f0, batch["f0"])
-            loss = loss + w.f0 * terms["f0"]
         return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
+
+
+def generate(generator: Generator, batch: dict, target_f0: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(audio `(batch, samples)`, predicted f0 `(batch, frames)` or None) from `batch["mel"]`;
+    with `target_f0`, HiFT's sine source follows `batch["f0"]` instead of the prediction."""
+    if not (target_f0 and generator.source is not None):
+        return generator(batch["mel"])
+    return generator.decode(batch["mel"], generator.make_source(batch["f0"])), generator.predict_f0(batch["mel"])
+
+
+def reconstruction_loss(cfg: VocoderConfig, fake: torch.Tensor, f0: torch.Tensor | None,
+                        batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The generator's losses without a discriminator: weighted mel L1 (up to `loss_fmax`) of
+    `fake` `(batch, samples)` against `batch["audio"]`, plus f0 L1 of the predicted `f0`
+    `(batch, frames)` against `batch["f0"]` when there is one -> (loss, {term: value})."""
+    loss_mel = dataclasses.replace(cfg.mel, fmax=cfg.loss_fmax or cfg.mel.sample_rate / 2)
+    mel = F.l1_loss(mel_spectrogram(fake, loss_mel), mel_spectrogram(batch["audio"], loss_mel))
+    terms = {"mel": mel}
+    loss = cfg.loss.mel * mel
+    if f0 is not None:
+        terms["f0"] = F.l1_loss(f0, batch["f0"])
+        loss = loss + cfg.loss.f0 * terms["f0"]
+    return loss, terms

@@ -35,18 +35,19 @@ def _decode(cfg: VocoderConfig) -> Callable[[Row], Row | None]:
     return decode
 
 
-def _segment(cfg: VocoderConfig, train: bool) -> Callable[[Row], Row]:
+def segmenter(cfg: VocoderConfig, train: bool, rng: random.Random | None = None) -> Callable[[Row], Row]:
     size = cfg.segment_frames * cfg.mel.hop_length
+    rng = rng or random
 
     def segment(row: Row) -> Row:
         wave = row["wave"]
-        start = random.randint(0, max(0, len(wave) - size)) if train else 0
+        start = rng.randint(0, max(0, len(wave) - size)) if train else 0
         wave = np.pad(wave[start:start + size], (0, max(0, start + size - len(wave))))
         return {**row, "wave": wave}
     return segment
 
 
-def _features(cfg: VocoderConfig) -> Callable[[Row], Row]:
+def featurizer(cfg: VocoderConfig) -> Callable[[Row], Row]:
     mel_cfg = cfg.mel
 
     def features(row: Row) -> Row:
@@ -66,7 +67,7 @@ def processors(cfg: VocoderConfig, train: bool) -> list[Callable[[Row], Row | No
     if cfg.segment_frames * cfg.mel.hop_length <= pad:
         raise CosyError(f"model.segment_frames={cfg.segment_frames} is too short for the mel window "
                         f"(needs more than {pad} samples)")
-    return [_decode(cfg), _segment(cfg, train), _features(cfg)]
+    return [_decode(cfg), segmenter(cfg, train), featurizer(cfg)]
 
 
 def collate(rows: list[Row]) -> dict[str, Any]:

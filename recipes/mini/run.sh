@@ -30,9 +30,13 @@ mos=true             # false: skip DNSMOS in stage 9
 parallel_train=""    # true: stage 5 trains its three models side by side (default: true on CPU, false with --ngpu)
 prompt_warp=4        # synthesis.prompt_warp_semitones of the packed model dirs (0: off); RESULTS.md,
                      # "The output warped toward the prompt's voice"
+vocoder_adapt=0      # synthesis.vocoder_adapt_steps of the packed model dirs: the vocoder fitted to each prompt
+                     # (0: off; 200 keeps all 8 test voices but adds about 30 s per prompt on 2 CPU cores);
+                     # RESULTS.md, "The vocoder fitted to the prompt"
 
 usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --stage --stop_stage --size --dir --nj --ngpu" \
-  "--conf --data --speaker_model --seed --average_num --bpe_size --mos --parallel_train --prompt_warp"; }
+  "--conf --data --speaker_model --seed --average_num --bpe_size --mos --parallel_train --prompt_warp" \
+  "--vocoder_adapt"; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -44,7 +48,7 @@ while [ $# -gt 0 ]; do
   esac
   name="${name#--}"; name="${name//-/_}"
   case "$name" in
-    stage|stop_stage|size|dir|conf|data|nj|ngpu|speaker_model|seed|average_num|bpe_size|mos|parallel_train|prompt_warp) printf -v "$name" '%s' "$value" ;;
+    stage|stop_stage|size|dir|conf|data|nj|ngpu|speaker_model|seed|average_num|bpe_size|mos|parallel_train|prompt_warp|vocoder_adapt) printf -v "$name" '%s' "$value" ;;
     *) echo "$0: unknown option --$name (see --help)" >&2; exit 1 ;;
   esac
 done
@@ -77,6 +81,10 @@ fi
 if ! [[ "$prompt_warp" =~ ^[0-9]+([.][0-9]+)?$ ]] ||
    awk -v w="$prompt_warp" 'BEGIN { exit !(w > 12 || (w > 0 && w < 0.2)) }'; then
   echo "$0: --prompt_warp must be 0 (off) or 0.2 to 12 semitones, got '$prompt_warp'" >&2
+  exit 1
+fi
+if ! [[ "$vocoder_adapt" =~ ^[0-9]+$ ]]; then
+  echo "$0: --vocoder_adapt must be a number of steps (0: off), got '$vocoder_adapt'" >&2
   exit 1
 fi
 recipe=$(cd "$(dirname "$0")" && pwd)
@@ -237,7 +245,7 @@ if run_stage 7; then
   rm -rf "$dir/model"
   cosy pack --tokenizer "$exp/tokenizer/tokenizer.onnx" --speaker "$speaker_onnx" --llm "$exp/llm" \
     --flow "$exp/flow" --vocoder "$exp/vocoder" --text-tokenizer "$text_tokenizer" --out "$dir/model" \
-    --synthesis "prompt_warp_semitones=$prompt_warp"
+    --synthesis "prompt_warp_semitones=$prompt_warp" "vocoder_adapt_steps=$vocoder_adapt"
   end 7 pack
 fi
 
