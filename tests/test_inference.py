@@ -272,6 +272,8 @@ def test_vocoder_fitted_to_the_prompt_speaks_for_it_offline_and_streaming(system
     list(tts.stream("A short one.", fitted, seed=0))
     assert streamed == [fitted.vocoder]
     assert len(fits) == 1  # a Prompt carries its vocoder: it is not fitted again
+    wave, _ = tts.convert(system["prompt"], system["prompt"], seed=0)  # fitted under convert's inference mode
+    assert len(fits) == 2 and len(wave) > 0
 
 
 def test_synthesize_cli_sets_the_vocoder_adaptation(system, tmp_path, capsys, monkeypatch):

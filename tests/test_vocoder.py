@@ -543,7 +543,7 @@ def test_cli_eval_vocoder_refuses_the_recording_f0_without_a_source(tmp_path, ca
     assert "needs a HiFT vocoder" in capsys.readouterr().err
 
 
-def test_eval_vocoder_fits_the_vocoder_to_each_speakers_first_readable_recording(tmp_path, capsys):
+def test_eval_vocoder_fits_the_vocoder_to_each_speakers_first_readable_recording(tmp_path, capsys, monkeypatch):
     from cosy.cli import main
 
     ckpt = _experiment(tmp_path) / "step_1.safetensors"
@@ -567,6 +567,23 @@ def test_eval_vocoder_fits_the_vocoder_to_each_speakers_first_readable_recording
     assert "fitted_on" not in runs["plain"]["summary"] and set(runs["plain"]["utterances"]) == set("bcde")
     for utt in "de":  # the fitted copies, not the checkpoint, vocoded them
         assert fitted["utterances"][utt]["log_mel_l1"] != runs["plain"]["utterances"][utt]["log_mel_l1"]
+    # each speaker's recordings are vocoded by the copy fitted to that speaker
+    import cosy.vocoder.evaluate as evaluate_module
+    from cosy.data.kaldi import DataDir
+    from cosy.vocoder.loading import load_generator
+
+    copies, used = [], []
+    plain_copy = evaluate_module.copy_synthesis
+
+    def fit(wave):
+        copies.append(load_generator(ckpt)[0])
+        return copies[-1]
+
+    monkeypatch.setattr(evaluate_module, "copy_synthesis",
+                        lambda generator, *args: used.append(generator) or plain_copy(generator, *args))
+    evaluate_module.evaluate(DataDir.load(data), load_generator(ckpt)[0], fit=fit)
+    assert len(copies) == 2 and len(used) == 2
+    assert used[0] is copies[1] and used[1] is copies[0]  # d (s2) by c's copy, e (s1) by b's
     for extra, message in ((["--griffin-lim", "--adapt-steps", "2"], "--griffin-lim and --adapt-steps"),
                            (["--adapt-steps", "-1"], "--adapt-steps must be >= 0")):
         assert main(["eval", "vocoder", "--data", str(data), "--vocoder", str(ckpt), *extra]) == 1
@@ -602,7 +619,7 @@ def test_fitting_to_a_recording_lowers_its_loss_and_leaves_the_model_alone(kind)
 
     torch.manual_seed(0)
     cfg = tiny_model_config(kind)
-    generator = VocoderModel(cfg).generator.eval()
+    generator = VocoderModel(cfg).generator.eval().remove_weight_norm()  # as loaded for synthesis
     before = {k: v.clone() for k, v in generator.state_dict().items()}
     n = 3 * cfg.mel.sample_rate
     t = np.arange(n) / cfg.mel.sample_rate
@@ -619,7 +636,10 @@ def test_fitting_to_a_recording_lowers_its_loss_and_leaves_the_model_alone(kind)
             fake, predicted = gen(mel, stochastic=False) if gen.source is not None else gen(mel)
             return reconstruction_loss(cfg, fake, predicted, batch)[1]
 
-    fitted = fit_to_recording(generator, cfg, wave, steps=40, lr=2e-3, batch_size=4)
+    stream = torch.get_rng_state()
+    with torch.inference_mode():  # as CosyTTS.convert calls it
+        fitted = fit_to_recording(generator, cfg, wave, steps=40, lr=2e-3, batch_size=4)
+    assert torch.equal(torch.get_rng_state(), stream)  # the caller's random stream has not moved
     start, end = loss(generator), loss(fitted)
     print(kind, {k: (round(float(start[k]), 3), round(float(end[k]), 3)) for k in start})
     assert float(end["mel"]) < 0.8 * float(start["mel"])

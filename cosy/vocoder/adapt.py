@@ -29,7 +29,8 @@ def fit_to_recording(generator: Generator, cfg: VocoderConfig, wave: np.ndarray,
                      batch_size: int = 8, seed: int = 0) -> Generator:
     """A copy of `generator` trained `steps` Adam steps at `lr` on `wave` (mono float32 at
     `cfg.mel.sample_rate`), `batch_size` random segments of `cfg.segment_frames` frames a
-    step; `generator` itself is left as it is. The same seed gives the same copy."""
+    step; `generator` itself is left as it is. On a CPU the same seed gives the same copy.
+    The segments' features are made as in training (`cosy.vocoder.task`), f0 included."""
     if steps < 1:
         raise CosyError(f"vocoder adaptation needs at least 1 step, got {steps}")
     if lr <= 0:
@@ -38,12 +39,13 @@ def fit_to_recording(generator: Generator, cfg: VocoderConfig, wave: np.ndarray,
     rng = random.Random(seed)
     row = {"utt": "prompt", "wave": np.asarray(wave, dtype=np.float32)}
     cut, features = segmenter(cfg, train=True, rng=rng), featurizer(cfg)
-    fitted = copy.deepcopy(generator).train()
-    optimiser = torch.optim.Adam(fitted.parameters(), lr=lr, betas=BETAS)
-    # the source's noise draws must not move the caller's random stream
+    # the source's noise draws must not move the caller's random stream; and a copy made
+    # under the caller's inference mode (CosyTTS.convert) would be untrainable
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
             torch.inference_mode(False), torch.enable_grad():
         torch.manual_seed(seed)
+        fitted = copy.deepcopy(generator).train()
+        optimiser = torch.optim.Adam(fitted.parameters(), lr=lr, betas=BETAS)
         for _ in range(steps):
             batch = {k: v.to(device) if torch.is_tensor(v) else v
                      for k, v in collate([features(cut(row)) for _ in range(batch_size)]).items()}
