@@ -31,8 +31,8 @@ parallel_train=""    # true: stage 5 trains its three models side by side (defau
 prompt_warp=4        # synthesis.prompt_warp_semitones of the packed model dirs (0: off); RESULTS.md,
                      # "The output warped toward the prompt's voice"
 vocoder_adapt=0      # synthesis.vocoder_adapt_steps of the packed model dirs: the vocoder fitted to each prompt
-                     # (0: off; 200 keeps all 8 test voices but adds about 30 s per prompt on 2 CPU cores);
-                     # RESULTS.md, "The vocoder fitted to the prompt"
+                     # (0: off; 200 identified 74% of outputs, not 56%, but adds about 30 s per prompt on
+                     # 2 CPU cores, 3 h for stage 8); RESULTS.md, "The vocoder fitted to the prompt"
 
 usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; echo "options: --stage --stop_stage --size --dir --nj --ngpu" \
   "--conf --data --speaker_model --seed --average_num --bpe_size --mos --parallel_train --prompt_warp" \
