@@ -550,7 +550,7 @@ def test_eval_vocoder_fits_the_vocoder_to_each_speakers_first_readable_recording
     data = tmp_path / "data"
     data.mkdir()
     t = np.arange(12000) / 16000
-    for i, (utt, f) in enumerate((("b", 150), ("c", 220), ("d", 230), ("e", 160))):
+    for utt, f in (("b", 150), ("c", 220), ("d", 230), ("e", 160)):
         sf.write(data / f"{utt}.wav", 0.3 * np.sin(2 * np.pi * f * t) + 0.1 * np.sin(4 * np.pi * f * t), 16000)
     (data / "a.wav").write_bytes(b"RIFF broken")
     (data / "wav.scp").write_text("".join(f"{u} {u}.wav\n" for u in "abcde"))
