@@ -27,9 +27,9 @@ speaker's copies resemble on average), where one lost voice is not averaged away
 `--adapt-steps N` fits the vocoder to each speaker's first readable recording first
 (`cosy.vocoder.adapt`, as `synthesis.vocoder_adapt_steps` does to a prompt) and scores
 that speaker's other recordings with the fitted copy; the fitting recordings are not
-scored ("fitted_on" in the summary names them). The f0
-predictor is scored against the f0 searched in the vocoder's training range; the output's
-pitch errors search 60-600 Hz on both sides.
+scored ("fitted_on" in the summary names them). The f0 predictor is scored against the f0
+searched in the vocoder's training range; the output's pitch errors search 60-600 Hz on
+both sides.
 Unreadable audio is reported with its utterance id and skipped.
 """
 
@@ -149,7 +149,8 @@ def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, 
     rate = generator.mel.sample_rate
     min_samples = generator.mel.n_fft
     per_utt, skipped, refs, hyps_vocoded, hyps_original = {}, [], [], [], []
-    fitted: dict[str, tuple[str, Generator | None]] = {}  # speaker -> (fitting utterance, fitted generator)
+    fitted_on: dict[str, str] = {}        # speaker -> the recording its copy was fitted on
+    copies: dict[str, Generator] = {}     # speaker -> that copy, until the speaker's last utterance
     vectors: dict[str, tuple[dict, dict]] = {}  # name -> (original, vocoded) vectors by utt
     utts = data.utts[:limit or None]
     last_of_speaker = {data.utt2spk[utt]: n for n, utt in enumerate(utts)}
@@ -165,13 +166,12 @@ def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, 
             skipped.append(utt)
             continue
         speaker = data.utt2spk[utt]
-        if fit is not None and speaker not in fitted:
-            fitted[speaker] = (utt, fit(wave))
+        if fit is not None and speaker not in fitted_on:
+            fitted_on[speaker], copies[speaker] = utt, fit(wave)
             continue
-        vocoder = fitted[speaker][1] if fit is not None else generator
-        if fit is not None and last_of_speaker[speaker] == n:
-            # one fitted copy per speaker held to the end would add up on a big test set
-            fitted[speaker] = (fitted[speaker][0], None)
+        vocoder = generator if fit is None else copies[speaker]
+        if last_of_speaker[speaker] == n:
+            copies.pop(speaker, None)  # a copy per speaker held to the end would add up on a big test set
         vocoded, scores = copy_synthesis(vocoder, wave, f0_range, recording_f0)
         per_utt[utt] = scores
         if save_dir is not None:
@@ -193,7 +193,7 @@ def evaluate(data: DataDir, generator: Generator | GriffinLim, recogniser=None, 
     summary = {"utterances": len(per_utt), "skipped": skipped, "source_f0": source_f0,
                **_means(list(per_utt.values()), keys)}
     if fit is not None:
-        summary["fitted_on"] = {spk: utt for spk, (utt, _) in sorted(fitted.items())}
+        summary["fitted_on"] = dict(sorted(fitted_on.items()))
     scored_data = data.subset(sorted(per_utt))
     per_speaker = {spk: {"utterances": len(utts), **_means([per_utt[u] for u in utts], keys)}
                    for spk, utts in sorted(scored_data.spk2utt.items())}
