@@ -29,6 +29,7 @@ from cosy import config as cfgio
 from cosy.checkpoint import CONFIG, find_experiment_config, load_weights, model_section, read_experiment, read_weights
 from cosy.errors import CosyError
 from cosy.train.checkpoint import Checkpoints, save_weights
+from cosy.vocoder.adapt import LEARNING_RATE
 
 PARTS = ("tokenizer", "speaker", "llm", "flow", "vocoder")
 ONNX_PARTS = ("tokenizer", "speaker")
@@ -69,7 +70,7 @@ class SynthesisConfig:
     stream_chunk_growth: float = 2.0
     prompt_warp_semitones: float = 0.0
     vocoder_adapt_steps: int = 0
-    vocoder_adapt_lr: float = 2e-4
+    vocoder_adapt_lr: float = LEARNING_RATE
 
     def check(self) -> None:
         """CosyError naming the first setting out of its range."""

@@ -23,6 +23,7 @@ from cosy.vocoder.model import VocoderConfig, generate, reconstruction_loss
 from cosy.vocoder.task import collate, featurizer, segmenter
 
 BETAS = (0.8, 0.99)  # the vocoder's training betas (HiFi-GAN)
+LEARNING_RATE = 2e-4  # with 200 steps: recipes/mini/RESULTS.md, "The vocoder fitted to the prompt"
 
 
 def fit_to_recording(generator: Generator, cfg: VocoderConfig, wave: np.ndarray, steps: int, lr: float,

@@ -50,6 +50,7 @@ from cosy.audio import MelConfig, load_audio, mel_spectrogram, save_audio
 from cosy.data.kaldi import DataDir
 from cosy.errors import CosyError
 from cosy.eval.speaker import embed_or_none, identified_utterances, nearest_speakers_of_means, speaker_embedders
+from cosy.vocoder.adapt import LEARNING_RATE, fit_to_recording
 from cosy.vocoder.f0 import estimate_f0
 from cosy.vocoder.hifigan import Generator
 from cosy.vocoder.loading import load_generator
@@ -248,7 +249,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapt-steps", type=int, default=0, metavar="N",
                         help="fit the vocoder to each speaker's first recording in N steps and score the speaker's "
                              "other recordings with it (as synthesis.vocoder_adapt_steps does to a prompt)")
-    parser.add_argument("--adapt-lr", type=float, default=2e-4, help="learning rate of --adapt-steps")
+    parser.add_argument("--adapt-lr", type=float, default=LEARNING_RATE, help="learning rate of --adapt-steps")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -272,8 +273,6 @@ def run(args: argparse.Namespace) -> int:
     embedders = speaker_embedders(None) if args.speaker else None
     fit = None
     if args.adapt_steps:
-        from cosy.vocoder.adapt import fit_to_recording
-
         def fit(wave: np.ndarray) -> Generator:
             return fit_to_recording(generator, cfg, wave, args.adapt_steps, args.adapt_lr)
     result = evaluate(data, generator, recogniser, args.limit, Path(args.save_wavs) if args.save_wavs else None,
