@@ -315,12 +315,11 @@ class CosyTTS:
                 mel = warp_mel(mel, mel.new_tensor([factor]), flow.cfg.mel)
             mels.append(mel[0])
         vocoders = [self._vocoder_of(prompt) for _, prompt in items]
-        waves: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(items)
+        waves: dict[int, np.ndarray] = {}
         for vocoder in {id(v): v for v in vocoders}.values():
             picked = [i for i, v in enumerate(vocoders) if v is vocoder]
-            for i, wave in zip(picked, _vocode(vocoder, [mels[i] for i in picked])):
-                waves[i] = wave
-        return waves
+            waves.update(zip(picked, _vocode(vocoder, [mels[i] for i in picked])))
+        return [waves[i] for i in range(len(items))]
 
     def _vocoder_of(self, prompt: Prompt):
         return self.parts.vocoder if prompt.vocoder is None else prompt.vocoder
